@@ -1,0 +1,334 @@
+"""One typed config for every ScaleRec stage: YAML file + dotted command-line overrides.
+
+Every job calls ``load_config(path, overrides)``; each stage then receives only its own section
+(``cfg.data``, ``cfg.train`` ...). Ray workers receive ``section.model_dump()`` and re-validate it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MOVIELENS_VARIANTS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-20m", "ml-25m")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ColumnMap(_Args):
+    """Which raw column holds each field of an interaction."""
+
+    user: str = "userId"
+    """Raw column with the user id (any type; stored as a string)."""
+    item: str = "movieId"
+    """Raw column with the item id (any type; stored as a string)."""
+    timestamp: str = "timestamp"
+    """Raw column with the event time (see ``DataArgs.timestamp_unit``)."""
+    rating: str | None = None
+    """Optional raw column with an explicit rating (kept as the interaction weight)."""
+    weight: str | None = None
+    """Optional raw column with a non-negative weight; wins over ``rating`` when both are set."""
+    event: str | None = None
+    """Optional raw column with an event type (click, view, purchase ...)."""
+
+
+class SyntheticArgs(_Args):
+    """Synthetic interaction generator: latent-factor users/items with power-law popularity."""
+
+    n_users: int = Field(2_000, ge=1)
+    """Number of users."""
+    n_items: int = Field(1_000, ge=1)
+    """Number of items."""
+    n_interactions: int = Field(50_000, ge=1)
+    """Number of raw interaction events (before dedupe)."""
+    dim: int = Field(16, ge=1)
+    """Dimension of the hidden user/item factors."""
+    popularity_exponent: float = Field(1.0, ge=0.0)
+    """Zipf exponent of item popularity (0 = uniform)."""
+    n_files: int = Field(1, ge=1)
+    """Number of raw files to split the events across."""
+    format: Literal["csv", "parquet", "jsonl"] = "parquet"
+    """Raw format to write."""
+    n_genres: int = Field(12, ge=1)
+    """Number of item genres (item side feature)."""
+    seed: int = 0
+    """Random seed; the same seed gives the same files."""
+
+
+class DataArgs(_Args):
+    """Where the raw interactions come from and how to ingest them."""
+
+    name: str = "dataset"
+    """Dataset name in the lake: ``<lake>/datasets/<name>/<version>/``."""
+    source: Literal["files", "movielens", "synthetic"] = "files"
+    """``files``: raw files at ``path``; ``movielens``: a MovieLens variant; ``synthetic``."""
+    path: str = ""
+    """Local folder/file or ``s3://bucket/prefix`` with the raw files (or where a variant lives)."""
+    format: Literal["csv", "parquet", "jsonl"] = "csv"
+    """Raw file format for ``source: files``."""
+    glob: str | None = None
+    """Optional file-name pattern inside ``path`` (default: every file with the format's suffix)."""
+    variant: Literal["ml-latest-small", "ml-100k", "ml-1m", "ml-20m", "ml-25m"] = "ml-latest-small"
+    """MovieLens variant for ``source: movielens``."""
+    download: bool = False
+    """Download the MovieLens variant from GroupLens into ``path`` when it is missing."""
+    columns: ColumnMap = ColumnMap()
+    """Raw column names."""
+    event_weights: dict[str, float] = Field(default_factory=dict)
+    """Weight per event type (``{view: 1, purchase: 5}``); other event values are quarantined."""
+    timestamp_unit: Literal["s", "ms", "iso"] = "s"
+    """Timestamps are Unix seconds, Unix milliseconds or ISO-8601 strings."""
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    """CSV field delimiter."""
+    encoding: str = "utf-8"
+    """Text encoding of CSV/JSONL files; rows that do not decode are quarantined."""
+    item_features: str | None = None
+    """Optional CSV with item side features (``item id column,...,genres``), e.g. movies.csv."""
+    item_features_id_column: str = "movieId"
+    """Item id column of ``item_features``."""
+    genres_column: str = "genres"
+    """Column of ``item_features`` with ``|``-separated genres."""
+    synthetic: SyntheticArgs = SyntheticArgs()
+    """Generator settings for ``source: synthetic``."""
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Per user, the last ceil(test_fraction * n) interactions are test."""
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Per user, the last ceil(valid_fraction * rest) of the remainder are validation."""
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> DataArgs:
+        if self.source in ("files", "movielens") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class ModelArgs(_Args):
+    """Which recommender to build and its hyperparameters."""
+
+    name: Literal["popularity", "ease", "mf", "two_tower"] = "mf"
+    """Model family."""
+    version: str | None = None
+    """Registry version or alias (``production``, ``staging``) to load, for evaluate/serve."""
+    embed_dim: int = Field(64, ge=1)
+    """Embedding size of MF and two-tower models."""
+    loss: Literal["bpr", "softmax"] = "softmax"
+    """Training loss: BPR with sampled negatives, or sampled softmax."""
+    num_negatives: int = Field(256, ge=1)
+    """Negatives per batch (softmax) or per positive (BPR)."""
+    l2: float = Field(0.0, ge=0.0)
+    """L2 penalty on the embeddings used in a batch."""
+    temperature: float = Field(0.1, gt=0.0)
+    """Softmax temperature."""
+    ease_lambda: float = Field(500.0, gt=0.0)
+    """EASE ridge strength."""
+    ease_max_items: int = Field(40_000, ge=1)
+    """Refuse EASE above this many items (the item-item matrix is dense)."""
+
+
+class TrainArgs(_Args):
+    """Ray Train settings."""
+
+    num_workers: int = Field(1, ge=0)
+    """Data-parallel workers (0 runs the loop in the driver)."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """Logical CPUs per worker; keep below 1 on a 2-core machine so Ray Data can run."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL) when the cluster has them."""
+    epochs: int = Field(20, ge=1)
+    """Training epochs."""
+    batch_size: int = Field(1024, ge=1)
+    """Interactions per batch per worker."""
+    lr: float = Field(0.01, gt=0.0)
+    """Adam learning rate."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts allowed; each resumes from the last checkpoint."""
+    eval_every: int = Field(1, ge=1)
+    """Compute validation NDCG@10 every N epochs."""
+    refit: bool = False
+    """Fit on train + validation (for the final model) instead of train only."""
+
+
+class TuneArgs(_Args):
+    """Ray Tune search settings."""
+
+    num_samples: int = Field(8, ge=1)
+    """Trials to run."""
+    max_concurrent_trials: int = Field(1, ge=1)
+    """Trials running at once."""
+    grace_period: int = Field(3, ge=1)
+    """ASHA: epochs before a trial can be stopped."""
+    max_epochs: int = Field(20, ge=1)
+    """ASHA: the longest a trial runs."""
+    search_space: dict[str, Any] = Field(default_factory=dict)
+    """Override the default search space: ``{"model.embed_dim": [32, 64, 128], ...}``."""
+
+
+class ServeArgs(_Args):
+    """Ray Serve application settings."""
+
+    model: str = "production"
+    """Registry version or alias to serve."""
+    host: str = "127.0.0.1"
+    """HTTP host."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
+    default_k: int = Field(10, ge=1)
+    """Default number of recommendations."""
+    max_k: int = Field(100, ge=1)
+    """Largest k a request may ask for."""
+    cache_size: int = Field(10_000, ge=0)
+    """Answers kept in the LRU cache (0 disables it)."""
+    cache_ttl_s: float = Field(60.0, gt=0.0)
+    """Seconds a cached answer lives."""
+    max_batch_size: int = Field(16, ge=1)
+    """Most requests scored in one batch."""
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0)
+    """Longest a request waits for its batch to fill."""
+    quantize: Literal["none", "fp16", "int8"] = "none"
+    """Compressed embedding variant to serve."""
+    admin_token_env: str = "SCALEREC_ADMIN_TOKEN"
+    """Environment variable holding the bearer token for /admin endpoints."""
+
+
+class ClusterArgs(_Args):
+    """Where Ray runs."""
+
+    address: str | None = None
+    """Ray address (``auto`` or ``ray://...``); empty starts an embedded local cluster."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of the embedded cluster (default: the machine's)."""
+    progress_bars: bool = True
+    """Show Ray Data progress bars."""
+
+
+class AppConfig(_Args):
+    """The whole ScaleRec configuration; each stage reads only its own section."""
+
+    lake: str = "./lake"
+    """Lake root: a local folder or ``s3://bucket/prefix``."""
+    seed: int = 42
+    """Global seed for data splits, initialisation and sampling."""
+    data: DataArgs = DataArgs(source="synthetic")
+    """Ingestion."""
+    model: ModelArgs = ModelArgs()
+    """Model."""
+    train: TrainArgs = TrainArgs()
+    """Training."""
+    tune: TuneArgs = TuneArgs()
+    """Hyperparameter search."""
+    serve: ServeArgs = ServeArgs()
+    """Serving."""
+    cluster: ClusterArgs = ClusterArgs()
+    """Ray cluster."""
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML scalars (numbers, bools, lists)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(
+                f"bad override {item!r}: expected dotted.key=value, e.g. train.lr=3e-4"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
+    """Read a YAML config, apply dotted overrides and validate.
+
+    ``model=<version|alias>`` is shorthand for ``model.version=<version|alias>``.
+
+    Raises:
+        ConfigError: naming the file, the key and the problem.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (see jobs/configs/ for examples)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        tree = loaded
+        source = str(p)
+    for key, value in parse_overrides(overrides or []):
+        if key == "model" and not isinstance(value, dict):
+            key = "model.version"
+            value = str(value)
+        _set_dotted(tree, key, value)
+    try:
+        return AppConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def config_to_yaml(cfg: AppConfig) -> str:
+    """Render a resolved config as YAML (logged by every job, stored with every model)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_cli(description: str, argv: list[str] | None = None) -> AppConfig:
+    """Parse ``--config PATH [dotted.key=value ...]`` for a job; exits with a message on errors."""
+    import argparse
+    import logging
+    import sys
+
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="overrides: dotted keys, e.g. train.num_workers=2 lake=s3://bucket/lake",
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML file, e.g. jobs/configs/synthetic.yaml"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.getLogger("scalerec").info("resolved config:\n%s", config_to_yaml(cfg))
+    return cfg
