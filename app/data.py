@@ -45,7 +45,7 @@ from app.dataset import (
     datasets_root,
     load_dataset,
 )
-from app.lake import MANIFEST, Lake, content_id, filesystem_for, utc_now
+from app.lake import MANIFEST, Lake, content_id, filesystem_for, s3_storage_options, utc_now
 from app.sources import RawSource, resolve_source
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class IngestError(ValueError):
 
 def _csv_batches(path: str, src: dict[str, Any]) -> Iterator[pa.Table]:
     """Stream one CSV file as normalised tables; malformed lines become quarantine rows."""
-    fs, p = filesystem_for(path)
+    fs, p = filesystem_for(path, src.get("storage_options"))
     wanted = _wanted_columns(src)
     bad: list[tuple[int, str, str]] = []
 
@@ -154,7 +154,7 @@ def _csv_batches(path: str, src: dict[str, Any]) -> Iterator[pa.Table]:
 
 def _jsonl_batches(path: str, src: dict[str, Any], chunk: int = 200_000) -> Iterator[pa.Table]:
     """Stream one JSON-lines file; lines that are not JSON objects are quarantined."""
-    fs, p = filesystem_for(path)
+    fs, p = filesystem_for(path, src.get("storage_options"))
     wanted = _wanted_columns(src)
     rows: list[dict[str, Any]] = []
     row_numbers: list[int] = []
@@ -501,6 +501,8 @@ def _source_dict(src: RawSource, data: DataArgs) -> dict[str, Any]:
         "timestamp_unit": src.timestamp_unit,
         "delimiter": src.delimiter,
         "encoding": src.encoding,
+        # Resolved in the driver: Ray workers may not share its environment.
+        "storage_options": s3_storage_options(),
     }
 
 
@@ -690,8 +692,13 @@ def _publish_splits(lake: Lake, out: str) -> None:
     fs = lake.fs
     for split in SPLITS:
         hive, final = posixpath.join(out, f"split={split}"), posixpath.join(out, split)
-        if fs.exists(hive):
+        if fs.exists(hive) and lake.is_local:
             fs.mv(hive, final, recursive=True)
+        elif fs.exists(hive):
+            # Object stores have no folder rename: copy each part, then drop the Hive folder.
+            for part in fs.find(hive):
+                fs.copy(part, posixpath.join(final, posixpath.basename(part)))
+            fs.rm(hive, recursive=True)
         else:
             fs.makedirs(final, exist_ok=True)
             pq.write_table(
@@ -719,7 +726,7 @@ def run(data: DataArgs, lake_uri: str, seed: int = 0) -> DatasetVersion:
             "inputs": fingerprint,
             "item_features": src.item_features,
             "data": data.model_dump(mode="json", exclude={"name", "download"}),
-            "spec": spec,
+            "spec": {k: v for k, v in spec.items() if k != "storage_options"},
         }
     )
     root = datasets_root(data.name)

@@ -85,8 +85,13 @@ def top_k(scores: np.ndarray, exclude: sp.csr_matrix | None, k: int) -> np.ndarr
         gt = sub > t
         eq = sub == t
         need = kk - np.count_nonzero(gt, axis=1)
-        take = gt | (eq & (np.cumsum(eq, axis=1, dtype=np.int64) <= need[:, None]))
-        idx[fix] = np.nonzero(take)[1].reshape(len(fix), kk)
+        rows_gt, cols_gt = np.nonzero(gt)
+        rows_eq, cols_eq = np.nonzero(eq)  # row-major: each row's tied items by ascending index
+        first = np.concatenate(([0], np.cumsum(np.bincount(rows_eq, minlength=len(fix)))[:-1]))
+        keep = np.arange(rows_eq.size) - first[rows_eq] < need[rows_eq]
+        rows = np.concatenate((rows_gt, rows_eq[keep]))
+        cols = np.concatenate((cols_gt, cols_eq[keep]))
+        idx[fix] = cols[np.argsort(rows, kind="stable")].reshape(len(fix), kk)
         vals[fix] = sub[np.arange(len(fix))[:, None], idx[fix]]
     # lexsort: the last key is primary (score, descending), then item index ascending.
     order = np.lexsort((idx, -vals), axis=1)

@@ -29,15 +29,31 @@ class LakeError(RuntimeError):
 
 
 def s3_storage_options() -> dict[str, Any]:
-    """s3fs options from the environment (credentials never come from YAML)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    """s3fs options from this process's environment (credentials never come from YAML).
+
+    They are resolved in the driver and travel with the filesystem object to Ray workers, whose
+    environment may not hold them (an embedded cluster started earlier, a job's own env vars).
+    """
+    env = os.environ
+    opts: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        opts["key"] = env["AWS_ACCESS_KEY_ID"]
+        opts["secret"] = env["AWS_SECRET_ACCESS_KEY"]
+        if env.get("AWS_SESSION_TOKEN"):
+            opts["token"] = env["AWS_SESSION_TOKEN"]
+    return opts
 
 
-def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem_for(
+    uri: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the fsspec filesystem and scheme-less root path for a local path or URI."""
     if uri.startswith("s3://") or uri.startswith("s3a://"):
-        fs = fsspec.filesystem("s3", **s3_storage_options())
+        opts = s3_storage_options() if storage_options is None else storage_options
+        fs = fsspec.filesystem("s3", **opts)
         return fs, uri.split("://", 1)[1].rstrip("/")
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:

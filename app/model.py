@@ -534,6 +534,9 @@ class TwoTower(_TorchRecommender):
         # The genre lists are sized by the catalogue: swap the buffers before a strict load.
         self.module.genre_offsets = state["genre_offsets"].clone()
         self.module.genre_indices = state["genre_indices"].clone()
+        weight = state["genre_emb.weight"]
+        if weight.shape != self.module.genre_emb.weight.shape:
+            self.module.genre_emb = torch.nn.EmbeddingBag(*weight.shape, mode="mean")
         super().load_state_dict(state)
 
 

@@ -245,9 +245,11 @@ def register(
         if existing.endswith(f"-{digest}"):
             return _read_record(lake, name, existing)
 
-    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    now = dt.datetime.now(dt.timezone.utc)
     version = f"{now.strftime('%Y%m%dT%H%M%S')}-{digest}"
-    created_at = now.isoformat()
+    # Microseconds order versions registered within the same second (``Lake.versions`` sorts
+    # by ``created_at``).
+    created_at = now.isoformat(timespec="microseconds")
     buf = io.BytesIO()
     torch.save(state, buf)
     weights = buf.getvalue()

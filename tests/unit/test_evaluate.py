@@ -33,7 +33,7 @@ def _reference_top_k(scores: np.ndarray, exclude: sp.csr_matrix | None, k: int) 
     return out
 
 
-# --- hand-built case ------------------------------------------------------------------------------
+# --- hand-built case ---
 # 4 users x 6 items, k = 3.
 # user 0: scores [.1 .9 .5 .9 .2 .7], history {1} -> ranking 3 (.9), 5 (.7), 2 (.5); relevant {2, 4}
 #         hits [0 0 1]; recall = 1 / min(3, 2) = 0.5; DCG = 1/log2(4) = 0.5;
@@ -89,7 +89,7 @@ def test_default_keys_use_k() -> None:
     assert set(res) == {"ndcg@10", "recall@10", "hr@10", "mrr@10", "coverage@10", "users"}
 
 
-# --- top_k ----------------------------------------------------------------------------------------
+# --- top_k ---
 def test_ties_go_to_lower_index() -> None:
     scores = np.array([[0.0, 2.0, 1.0, 2.0, 2.0, 1.0, 2.0]], dtype=np.float32)
     np.testing.assert_array_equal(top_k(scores, None, 3), [[1, 3, 4]])
@@ -121,7 +121,7 @@ def test_top_k_matches_brute_force_with_many_ties() -> None:
         )
 
 
-# --- agreement with ranx ----------------------------------------------------------------------------
+# --- agreement with ranx ---
 @pytest.mark.slow  # numba compiles ranx's metrics on first use (about 20 s)
 def test_agrees_with_ranx() -> None:
     """Per-user NDCG@10, HR@10 and MRR@10 equal ranx on every user; Recall@10 equals ranx's
@@ -160,7 +160,7 @@ def test_agrees_with_ranx() -> None:
     )
 
 
-# --- Ray Data -------------------------------------------------------------------------------------
+# --- Ray Data ---
 class _TableModel(Recommender):
     """Scores are a fixed table lookup, so they never depend on how users are batched."""
 
@@ -169,7 +169,9 @@ class _TableModel(Recommender):
     def __init__(self, n_users: int, n_items: int, seed: int = 0, ties: bool = True) -> None:
         super().__init__(n_users, n_items)
         rng = np.random.default_rng(seed)
-        raw = rng.integers(0, 8, size=(n_users, n_items)) if ties else rng.random((n_users, n_items))
+        raw = (
+            rng.integers(0, 8, size=(n_users, n_items)) if ties else rng.random((n_users, n_items))
+        )
         self.table = torch.tensor(raw, dtype=torch.float32)
 
     def score(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
@@ -230,8 +232,14 @@ def test_evaluate_ds_equals_evaluate(ray_session: None) -> None:
 
 def test_metrics_table() -> None:
     rows = [
-        {"model": "popularity", "ndcg@10": 0.0885, "recall@10": 0.0822, "hr@10": 0.39,
-         "mrr@10": 0.2, "coverage@10": 0.01},
+        {
+            "model": "popularity",
+            "ndcg@10": 0.0885,
+            "recall@10": 0.0822,
+            "hr@10": 0.39,
+            "mrr@10": 0.2,
+            "coverage@10": 0.01,
+        },
         {"model": "ease", "ndcg@10": 0.1303},
     ]
     table = metrics_table(rows)
@@ -242,7 +250,7 @@ def test_metrics_table() -> None:
     assert len({len(line) for line in lines}) == 1
 
 
-# --- the jobs.evaluate entry point ------------------------------------------------------------------
+# --- the jobs.evaluate entry point ---
 def _write_dataset(lake, name: str, version: str, splits: dict[str, sp.csr_matrix]) -> None:
     from app.dataset import INTERACTION_SCHEMA, datasets_root
 
@@ -261,12 +269,18 @@ def _write_dataset(lake, name: str, version: str, splits: dict[str, sp.csr_matri
         )
         lake.fs.makedirs(lake.path(rel, split), exist_ok=True)
         pq.write_table(table, lake.path(rel, split, "part-0.parquet"))
-    items = pa.table({"item_idx": np.arange(n_items, dtype=np.int32),
-                      "item_id": [str(i) for i in range(n_items)],
-                      "genres": [["a"] for _ in range(n_items)]})
+    items = pa.table(
+        {
+            "item_idx": np.arange(n_items, dtype=np.int32),
+            "item_id": [str(i) for i in range(n_items)],
+            "genres": [["a"] for _ in range(n_items)],
+        }
+    )
     pq.write_table(items, lake.path(rel, "items.parquet"))
-    lake.write_json(posixpath.join(rel, "manifest.json"),
-                    {"n_users": n_users, "n_items": n_items, "created_at": "2026-01-01T00:00:00"})
+    lake.write_json(
+        posixpath.join(rel, "manifest.json"),
+        {"n_users": n_users, "n_items": n_items, "created_at": "2026-01-01T00:00:00"},
+    )
 
 
 @pytest.mark.slow  # a second Ray Data actor pool
@@ -282,7 +296,9 @@ def test_run_writes_test_metrics(ray_session: None, tmp_path, monkeypatch) -> No
     valid = _csr([[int(np.argmin(train[u].toarray()))] for u in range(n_users)], n_items)
     lake = Lake(str(tmp_path / "lake"))
     _write_dataset(lake, "tiny", "v1", {"train": train, "valid": valid, "test": test})
-    cfg = load_config(overrides=[f"lake={lake.uri}", "data.source=synthetic", "data.name=tiny", "model.name=mf"])
+    cfg = load_config(
+        overrides=[f"lake={lake.uri}", "data.source=synthetic", "data.name=tiny", "model.name=mf"]
+    )
     model = _TableModel(n_users, n_items, seed=5)
     dataset = load_dataset(lake, "tiny", "v1")
     rec = register(lake, registry_name(cfg), model, cfg, dataset, {"valid_ndcg@10": 0.1})

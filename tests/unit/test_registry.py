@@ -106,8 +106,15 @@ def _roundtrip(lake: Lake) -> None:
     name = registry_name(cfg)
     assert name == "tiny-mf"
     model = _DotModel(N_USERS, N_ITEMS, seed=1)
-    rec = register(lake, name, model, cfg, ds, {"valid_ndcg@10": 0.25},
-                   lineage_extra={"parent_run": "run-1", "checkpoint": "/ckpt/epoch_3"})
+    rec = register(
+        lake,
+        name,
+        model,
+        cfg,
+        ds,
+        {"valid_ndcg@10": 0.25},
+        lineage_extra={"parent_run": "run-1", "checkpoint": "/ckpt/epoch_3"},
+    )
     assert list_versions(lake, name) == [rec.version]
     builder = _Builder()
     loaded, rec2 = load_model(lake, name, rec.version, builder=builder)
@@ -118,8 +125,13 @@ def _roundtrip(lake: Lake) -> None:
     assert rec2.metrics == {"valid_ndcg@10": 0.25}
     assert rec2.config["model"]["name"] == "mf"
     lin = rec2.lineage
-    assert lin["dataset"] == {"name": "tiny", "version": "v1", "uri": ds.lake.full_uri(ds.rel),
-                              "n_users": N_USERS, "n_items": N_ITEMS}
+    assert lin["dataset"] == {
+        "name": "tiny",
+        "version": "v1",
+        "uri": ds.lake.full_uri(ds.rel),
+        "n_users": N_USERS,
+        "n_items": N_ITEMS,
+    }
     assert lin["parent_run"] == "run-1" and lin["checkpoint"] == "/ckpt/epoch_3"
     assert lin["hparams"] == {"dim": 4}
     assert len(lin["code"]["sources_sha256"]) == 64 and "git_commit" in lin["code"]
@@ -149,16 +161,23 @@ def test_version_id_is_stable_and_sortable(lake: Lake) -> None:
     stamp, digest = a.version.split("-")
     assert len(stamp) == len("20261128T154500") and stamp[8] == "T" and len(digest) == 8
     other = register(lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=2), cfg, ds, {})
-    other_cfg = register(lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=1),
-                         _cfg(lake, **{"train.lr": 0.5}), ds, {})
+    other_cfg = register(
+        lake,
+        "tiny-mf",
+        _DotModel(N_USERS, N_ITEMS, seed=1),
+        _cfg(lake, **{"train.lr": 0.5}),
+        ds,
+        {},
+    )
     assert len({a.version, other.version, other_cfg.version}) == 3
     assert list_versions(lake, "tiny-mf")[0] == a.version  # oldest first
     assert resolve(lake, "tiny-mf", "latest") == list_versions(lake, "tiny-mf")[-1]
 
 
 def test_weights_load_with_weights_only(lake: Lake) -> None:
-    rec = register(lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=1), _cfg(lake),
-                   _dataset(lake), {})
+    rec = register(
+        lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=1), _cfg(lake), _dataset(lake), {}
+    )
     raw = lake.read_bytes(posixpath.join("models", "tiny-mf", rec.version, "weights.pt"))
     state = torch.load(io.BytesIO(raw), weights_only=True)
     assert set(state) == {"user", "item"} and state["user"].shape == (N_USERS, 4)
@@ -184,10 +203,12 @@ def test_refs_and_unknown_ref_error(lake: Lake) -> None:
 def test_aliases_promotions_and_gate(lake: Lake) -> None:
     ds = _dataset(lake)
     cfg = _cfg(lake)
-    good = register(lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=1), cfg, ds,
-                    {"valid_ndcg@10": 0.30}).version
-    worse = register(lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=2), cfg, ds,
-                     {"valid_ndcg@10": 0.20}).version
+    good = register(
+        lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=1), cfg, ds, {"valid_ndcg@10": 0.30}
+    ).version
+    worse = register(
+        lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=2), cfg, ds, {"valid_ndcg@10": 0.20}
+    ).version
 
     promote(lake, "tiny-mf", good, "production", reason="first")
     promote(lake, "tiny-mf", worse, "staging")  # no gate on staging
@@ -206,8 +227,10 @@ def test_aliases_promotions_and_gate(lake: Lake) -> None:
 
     # a better model passes the gate without force; metrics updated after publishing count
     update_metrics(lake, "tiny-mf", good, {"valid_ndcg@10": 0.31, "test_ndcg@10": 0.29})
-    assert get_record(lake, "tiny-mf", good).metrics == {"valid_ndcg@10": 0.31,
-                                                         "test_ndcg@10": 0.29}
+    assert get_record(lake, "tiny-mf", good).metrics == {
+        "valid_ndcg@10": 0.31,
+        "test_ndcg@10": 0.29,
+    }
     promote(lake, "tiny-mf", good, "production")
 
     log = promotions(lake, "tiny-mf")
@@ -224,27 +247,33 @@ def test_aliases_promotions_and_gate(lake: Lake) -> None:
         promote(lake, "tiny-mf", good, "canary")
 
 
-def test_default_builder_is_app_model_build_model(lake: Lake) -> None:
+@pytest.mark.parametrize("family", ["popularity", "ease", "mf", "two_tower"])
+def test_real_models_round_trip(lake: Lake, family: str) -> None:
+    """The default builder (``app.model.build_model``) rebuilds every family from the registry."""
     import app.model
 
     if not hasattr(app.model, "build_model"):
         pytest.skip("app.model.build_model not written yet")
-    cfg = load_config(overrides=[f"lake={lake.uri}", "data.source=synthetic", "data.name=tiny",
-                                 "model.name=popularity"])
-    model = app.model.build_model(cfg.model, N_USERS, N_ITEMS, seed=0)
-    train = sp.random(N_USERS, N_ITEMS, density=0.2, random_state=0, format="csr")
-    if hasattr(model, "fit"):
-        try:
-            model.fit(train)
-        except TypeError:
-            pytest.skip("build_model/fit interface differs from the one this test assumes")
-    rec = register(lake, registry_name(cfg), model, cfg, _dataset(lake), {})
+    cfg = _cfg(lake, **{"model.name": family, "model.embed_dim": 8})
+    ds = _dataset(lake)
+    genres = [list(g) for g in ds.items().column("genres").to_pylist()]
+    model = app.model.build_model(cfg.model, N_USERS, N_ITEMS, item_genres=genres, seed=7)
+    train = sp.random(N_USERS, N_ITEMS, density=0.2, random_state=0, format="csr", dtype=np.float32)
+    train.data[:] = 1.0
+    if family in ("popularity", "ease"):
+        model.fit(train)
+    else:  # move the weights away from any seed's initialisation
+        state = model.state_dict()
+        model.load_state_dict(
+            {k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}
+        )
+    rec = register(lake, registry_name(cfg), model, cfg, ds, {})
     loaded, _ = load_model(lake, registry_name(cfg), rec.version)
     users = np.arange(N_USERS)
     np.testing.assert_array_equal(loaded.score(users, train), model.score(users, train))
 
 
-# --- S3 lake through moto ---------------------------------------------------------------------------
+# --- S3 lake through moto ---
 @pytest.fixture
 def s3_lake(monkeypatch) -> Lake:
     """A lake at ``s3://scalerec-test/lake`` on a local moto server."""

@@ -1,0 +1,242 @@
+"""Ray Data ingestion end to end on a real local Ray cluster (and a real S3 endpoint)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from app import data
+from app.config import load_config
+from app.dataset import load_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+ML_SMALL = ROOT.parent / "shared" / "data" / "ml-latest-small"
+COUNTS = ("rows_ingested", "rows_quarantined", "duplicates_collapsed")
+
+
+def _cfg(**over):
+    args = [f"{k}={v}" for k, v in over.items()]
+    return load_config(ROOT / "jobs/configs/ml-latest-small.yaml", args)
+
+
+def _check_invariant(manifest):
+    for f in manifest["files"]:
+        assert f["rows_read"] == sum(f[k] for k in COUNTS), f
+    assert manifest["rows_read"] == sum(manifest[k] for k in COUNTS)
+    assert manifest["rows_ingested"] == sum(manifest["splits"].values())
+
+
+@pytest.fixture(scope="module")
+def ml_small(ray_cluster, tmp_path_factory):
+    if not (ML_SMALL / "ratings.csv").exists():
+        pytest.skip("ml-latest-small is not at ../shared/data")
+    lake = tmp_path_factory.mktemp("lake")
+    cfg = _cfg(lake=lake, **{"data.path": ML_SMALL})
+    return cfg, data.run(cfg.data, cfg.lake)
+
+
+def test_ml_latest_small_counts_and_splits(ml_small):
+    cfg, ds = ml_small
+    m = ds.manifest
+    _check_invariant(m)
+    assert m["rows_read"] == 100_836
+    assert m["rows_quarantined"] == 0
+    assert (m["n_users"], m["n_items"]) == (610, 9_724)
+    # Independent computation of the protocol's split sizes with pandas.
+    raw = pd.read_csv(ML_SMALL / "ratings.csv")
+    n = raw.drop_duplicates(["userId", "movieId"]).groupby("userId").size()
+    n_test = n.map(lambda x: math.ceil(x / 5))
+    n_valid = (n - n_test).map(lambda x: math.ceil(x / 10))
+    assert m["splits"] == {
+        "test": int(n_test.sum()),
+        "valid": int(n_valid.sum()),
+        "train": int((n - n_test - n_valid).sum()),
+    }
+    assert m["duplicates_collapsed"] == len(raw) - int(n.sum())
+
+
+def test_id_maps_round_trip_to_the_raw_pairs(ml_small):
+    _, ds = ml_small
+    users = dict(zip(*ds.users().to_pydict().values(), strict=True))
+    items = {r["item_idx"]: r["item_id"] for r in ds.items().to_pylist()}
+    assert sorted(users) == list(range(ds.n_users))
+    t = ds.read_table("train", "valid", "test").to_pandas()
+    decoded = set(zip(t.user_idx.map(users), t.item_idx.map(items), t.timestamp, strict=True))
+    raw = pd.read_csv(ML_SMALL / "ratings.csv", dtype={"userId": str, "movieId": str})
+    first = raw.sort_values("timestamp").drop_duplicates(["userId", "movieId"])
+    assert decoded == set(zip(first.userId, first.movieId, first.timestamp, strict=True))
+
+
+def test_test_events_are_each_users_latest(ml_small):
+    _, ds = ml_small
+    t = ds.read_table("train", "valid", "test").to_pandas()
+    t["split"] = ["x"] * len(t)
+    tr = ds.read_table("train").to_pandas().groupby("user_idx").timestamp.max()
+    te = ds.read_table("test").to_pandas().groupby("user_idx").timestamp.min()
+    both = pd.concat([tr, te], axis=1, keys=["train_max", "test_min"]).dropna()
+    assert (both.train_max <= both.test_min).all()
+
+
+def test_item_features_are_attached(ml_small):
+    _, ds = ml_small
+    items = ds.items().to_pandas()
+    toy = items[items.item_id == "1"].genres.iloc[0]
+    assert list(toy) == ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]
+    assert ds.manifest["items_with_genres"] > 9_000
+
+
+def test_rerun_is_idempotent(ml_small):
+    cfg, ds = ml_small
+    again = data.run(cfg.data, cfg.lake)
+    assert again.version == ds.version
+    assert os.listdir(Path(cfg.lake) / "datasets" / cfg.data.name) == [ds.version]
+
+
+def test_config_change_gives_a_new_version(ml_small, tmp_path):
+    cfg, ds = ml_small
+    cfg2 = _cfg(lake=cfg.lake, **{"data.path": ML_SMALL, "data.test_fraction": 0.25})
+    other = data.run(cfg2.data, cfg2.lake)
+    assert other.version != ds.version
+    assert load_dataset(cfg.lake, cfg.data.name, "latest").version == other.version
+    assert other.manifest["splits"]["test"] > ds.manifest["splits"]["test"]
+
+
+HEADER = "userId,movieId,rating,timestamp\n"
+
+
+def _write_bad_inputs(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "a_good.csv").write_text(
+        HEADER + "".join(f"{u},{i},4,{1000 + u * 10 + i}\n" for u in range(5) for i in range(6))
+    )
+    # Truncated mid-row, a repeated pair, a negative rating and a bad timestamp.
+    (folder / "b_truncated.csv").write_bytes(
+        (HEADER + "1,1,4,5000\n1,1,4,1\n9,1,-2,100\n9,2,4,never\n9,3,").encode()
+    )
+    (folder / "c_latin1.csv").write_bytes(HEADER.encode() + b"\xe9\xe8,1,4,100\n7,2,4,100\n")
+    (folder / "d_empty.csv").write_bytes(b"")
+    (folder / "e_one_row.csv").write_text(HEADER + "8,8,5,8000")
+
+
+def test_bad_rows_are_quarantined_and_counts_add_up(ray_cluster, tmp_path):
+    raw = tmp_path / "raw"
+    _write_bad_inputs(raw)
+    cfg = load_config(
+        None,
+        [
+            f"lake={tmp_path / 'lake'}",
+            "data.name=messy",
+            "data.source=files",
+            f"data.path={raw}",
+            "data.columns.rating=rating",
+        ],
+    )
+    m = data.run(cfg.data, cfg.lake).manifest
+    _check_invariant(m)
+    files = {Path(f["path"]).name: f for f in m["files"]}
+    # (1, 1) is in both files; its earliest event (ts=1, in b) is kept, the others collapse.
+    assert (files["a_good.csv"]["rows_read"], files["a_good.csv"]["rows_ingested"]) == (30, 29)
+    assert files["a_good.csv"]["duplicates_collapsed"] == 1
+    b = files["b_truncated.csv"]
+    assert (b["rows_read"], b["rows_ingested"], b["rows_quarantined"]) == (5, 1, 3)
+    assert b["duplicates_collapsed"] == 1
+    assert files["c_latin1.csv"]["rows_quarantined"] == 1
+    assert files["d_empty.csv"]["rows_read"] == 0
+    assert files["e_one_row.csv"]["rows_ingested"] == 1
+    assert "d_empty.csv: empty file" in " ".join(m["warnings"])
+    q = pq.read_table(m["quarantine"]["path"]).to_pandas()
+    assert len(q) == m["rows_quarantined"] == 4
+    assert set(q.reason) == {
+        "malformed CSV row: expected 4 fields, got 3",
+        "negative rating",
+        "missing or unparsable timestamp",
+        "column userId: not valid UTF-8",
+    }
+    assert m["quarantine"]["reasons"]["negative rating"] == 1
+    assert json.loads(q[q.reason == "negative rating"].raw.iloc[0])["rating"] == "-2"
+
+
+def test_wrong_delimiter_fails_with_a_hint(ray_cluster, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "r.csv").write_text("userId;movieId;timestamp\n1;2;3\n")
+    cfg = load_config(None, [f"lake={tmp_path}", "data.source=files", f"data.path={raw}"])
+    with pytest.raises(data.IngestError, match=r"data.delimiter=';'"):
+        data.run(cfg.data, cfg.lake)
+
+
+def test_all_rows_bad_is_a_clear_error(ray_cluster, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "r.csv").write_text("userId,movieId,timestamp\n,2,3\n1,,3\n")
+    cfg = load_config(None, [f"lake={tmp_path}", "data.source=files", f"data.path={raw}"])
+    with pytest.raises(data.IngestError, match="all rows quarantined"):
+        data.run(cfg.data, cfg.lake)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_sources(ray_cluster, tmp_path, fmt):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    df = pd.DataFrame(
+        {"uid": [1, 1, 2, 2, 2], "iid": [5, 6, 5, 7, 7], "ts": [1, 2, 3, 4, 5], "w": [1.0] * 5}
+    )
+    if fmt == "jsonl":
+        df.to_json(raw / "events.jsonl", orient="records", lines=True)
+        with open(raw / "events.jsonl", "a") as f:
+            f.write("{broken\n")
+    else:
+        df.to_parquet(raw / "events.parquet")
+    cfg = load_config(
+        None,
+        [
+            f"lake={tmp_path / 'lake'}",
+            "data.source=files",
+            f"data.path={raw}",
+            f"data.format={fmt}",
+            "data.columns.user=uid",
+            "data.columns.item=iid",
+            "data.columns.timestamp=ts",
+            "data.columns.weight=w",
+        ],
+    )
+    ds = data.run(cfg.data, cfg.lake)
+    m = ds.manifest
+    _check_invariant(m)
+    assert m["rows_ingested"] == 4 and m["duplicates_collapsed"] == 1
+    assert m["rows_quarantined"] == (1 if fmt == "jsonl" else 0)
+    assert sorted(ds.users().column("user_id").to_pylist()) == ["1", "2"]
+
+
+def test_ingest_from_and_to_s3(ray_cluster, s3_bucket, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    body = HEADER + "".join(f"{u},{i},3,{u * 100 + i}\n" for u in range(4) for i in range(5))
+    fs.pipe_file(f"{s3_bucket}/raw/part-0.csv", body.encode())
+    fs.pipe_file(f"{s3_bucket}/raw/part-1.csv", (HEADER + "9,9,-1,5\n").encode())
+    lake = f"s3://{s3_bucket}/lake"
+    cfg = load_config(
+        None,
+        [
+            f"lake={lake}",
+            "data.name=s3data",
+            "data.source=files",
+            f"data.path=s3://{s3_bucket}/raw",
+            "data.columns.rating=rating",
+        ],
+    )
+    ds = data.run(cfg.data, cfg.lake)
+    _check_invariant(ds.manifest)
+    assert ds.manifest["rows_ingested"] == 20 and ds.manifest["rows_quarantined"] == 1
+    again = load_dataset(lake, "s3data")
+    assert again.version == ds.version
+    assert again.read_table("train", "valid", "test").num_rows == 20
+    assert fs.exists(f"{s3_bucket}/lake/quarantine/s3data/{ds.version}")
+    assert not fs.exists(f"{s3_bucket}/lake/tmp/ingest-s3data-{ds.version}")

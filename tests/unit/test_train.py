@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from app.config import AppConfig, ModelArgs, TrainArgs
+from app.evaluate import evaluate
+from app.model import MatrixFactorization, Popularity
+from app.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, VALID_METRIC, TrainOutcome, fit
+
+
+def _cfg(lake: str, **train) -> AppConfig:
+    model = ModelArgs(name="mf", embed_dim=16, num_negatives=10_000, temperature=0.2)
+    base = {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 8, "batch_size": 64, "lr": 0.02}
+    return AppConfig(lake=lake, model=model, train=TrainArgs(**{**base, **train}))
+
+
+def _popularity_valid(ds) -> float:
+    train, valid = ds.csr("train"), ds.csr("valid")
+    pop = Popularity(ds.n_users, ds.n_items).fit(train)
+    return evaluate(lambda u: pop.score(u, train[u]), train, valid)["ndcg@10"]
+
+
+def _check(outcome: TrainOutcome, ds, epochs: int) -> None:
+    assert [h["epoch"] for h in outcome.history] == list(range(1, epochs + 1))
+    losses = [h["loss"] for h in outcome.history]
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(h["interactions_per_s"] > 0 for h in outcome.history)
+    assert outcome.best_metrics[VALID_METRIC] > _popularity_valid(ds) + 0.1
+    assert isinstance(outcome.model, MatrixFactorization)
+    # The returned model is the last epoch's weights: it reproduces the last reported metric.
+    train, valid = ds.csr("train"), ds.csr("valid")
+    again = evaluate(lambda u: outcome.model.score(u, train[u]), train, valid)["ndcg@10"]
+    assert again == pytest.approx(outcome.last_metrics[VALID_METRIC], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_fit_two_workers_ddp(ray_cluster, tiny_dataset, tmp_path):
+    outcome = fit(_cfg(str(tmp_path / "lake")), tiny_dataset)
+    _check(outcome, tiny_dataset, 8)
+    assert outcome.checkpoint_path and os.path.isdir(outcome.checkpoint_path)
+
+
+def test_fit_in_driver_num_workers_0(ray_cluster, tiny_dataset, tmp_path):
+    outcome = fit(_cfg(str(tmp_path / "lake"), num_workers=0, eval_every=2), tiny_dataset)
+    _check(outcome, tiny_dataset, 8)
+    assert [VALID_METRIC in h for h in outcome.history] == [False, True] * 4
+
+
+@pytest.mark.parametrize("name", ["popularity", "ease"])
+def test_closed_form_fit_needs_no_trainer(tiny_dataset, name):
+    cfg = AppConfig(lake="unused", model=ModelArgs(name=name, ease_lambda=10.0))
+    outcome = fit(cfg, tiny_dataset)
+    assert outcome.model.family == name and len(outcome.history) == 1
+    assert outcome.checkpoint_path is None
+    if name == "ease":
+        assert outcome.best_metrics[VALID_METRIC] > _popularity_valid(tiny_dataset) + 0.1
+    refit = fit(cfg.model_copy(update={"train": TrainArgs(refit=True)}), tiny_dataset)
+    assert VALID_METRIC not in refit.last_metrics
+
+
+@pytest.mark.slow
+def test_resume_after_worker_failure(ray_cluster, tiny_dataset, tmp_path, monkeypatch):
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "4")
+    monkeypatch.setenv(FAIL_MARKER_ENV, str(marker))
+    outcome = fit(_cfg(str(tmp_path / "lake"), max_failures=1), tiny_dataset)
+    assert marker.exists()  # the run really died once
+    _check(outcome, tiny_dataset, 8)
