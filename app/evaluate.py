@@ -385,7 +385,7 @@ def run(cfg: AppConfig, model_ref: str) -> dict[str, float]:
 
     History is train + validation (the protocol's test setting) whether the model was refit on
     train + validation or fit on train only; the latter is recorded as ``test_fit_on: train``.
-    Metrics are merged into the version's ``metrics.json`` as ``test_ndcg@10`` ... ``test_users``.
+    Metrics are merged into the version's ``metrics.json`` as ``ndcg@10`` ... plus ``test_users``.
     """
     from app.dataset import load_dataset
     from app.lake import Lake
@@ -400,7 +400,8 @@ def run(cfg: AppConfig, model_ref: str) -> dict[str, float]:
     target = dataset.csr("test")
     metrics = evaluate_ds(model, history, target)
     refit = bool(record.config.get("train", {}).get("refit", False))
-    stored: dict[str, Any] = {f"test_{key}": value for key, value in metrics.items()}
+    # Test metrics under the bare keys (``ndcg@10`` ...); validation ones carry ``valid_``.
+    stored: dict[str, Any] = {key: value for key, value in metrics.items() if key != "users"}
     stored["test_users"] = int(metrics["users"])
     stored["test_fit_on"] = "train+valid" if refit else "train"
     stored["test_dataset_version"] = dataset.version

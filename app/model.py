@@ -265,6 +265,9 @@ class _MFModule(_RetrievalModule):
 
 
 class _TwoTowerModule(_RetrievalModule):
+    genre_offsets: torch.Tensor
+    genre_indices: torch.Tensor
+
     def __init__(
         self,
         n_users: int,
@@ -426,6 +429,7 @@ class MatrixFactorization(_TorchRecommender):
     """
 
     family = "mf"
+    module: _MFModule
 
     def __init__(
         self, n_users: int, n_items: int, use_bias: bool = False, seed: int = 0, **kw: Any
@@ -461,6 +465,7 @@ class TwoTower(_TorchRecommender):
     """
 
     family = "two_tower"
+    module: _TwoTowerModule
 
     def __init__(
         self,
@@ -536,7 +541,9 @@ class TwoTower(_TorchRecommender):
         self.module.genre_indices = state["genre_indices"].clone()
         weight = state["genre_emb.weight"]
         if weight.shape != self.module.genre_emb.weight.shape:
-            self.module.genre_emb = torch.nn.EmbeddingBag(*weight.shape, mode="mean")
+            self.module.genre_emb = torch.nn.EmbeddingBag(
+                int(weight.shape[0]), int(weight.shape[1]), mode="mean"
+            )
         super().load_state_dict(state)
 
 

@@ -1,8 +1,8 @@
 """Training stage: Ray Train (TorchTrainer, DDP) for embedding models, closed form for the rest.
 
 Run with ``python -m jobs.train --config jobs/configs/<name>.yaml [train.num_workers=2 ...]``.
-``build_trainer`` is the one place that wires ``ScalingConfig``, datasets and checkpoints; the tuning
-stage reuses it for every trial.
+``build_trainer`` is the one place that wires ``ScalingConfig``, datasets and checkpoints; the
+tuning stage reuses it for every trial.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import posixpath
+import shutil
 import tempfile
 import time
 import uuid
@@ -116,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     module: torch.nn.Module = rec.module  # type: ignore[attr-defined]
     optimizer = torch.optim.Adam(module.parameters(), lr=train_args.lr)
 
-    start_epoch, history = 0, []
+    start_epoch, restarts, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -126,6 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rec.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
+        restarts = int(state.get("restarts", 0)) + 1
         log.info("resumed from checkpoint after epoch %d", start_epoch)
 
     # Negatives and history dropout differ per worker; the weights start equal (seeded init).
@@ -134,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     fail_at = config.get("fail_at_epoch")
+    last_dir: str | None = None
 
     for epoch in range(start_epoch + 1, train_args.epochs + 1):
         _maybe_fail(epoch, rank, fail_at, config.get("fail_marker"))
@@ -161,6 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "loss": float(loss_sum[0] / max(n_seen, 1.0)),
             "interactions_per_s": n_seen / max(seconds, 1e-9),
             "epoch_s": seconds,
+            "restarts": restarts,
         }
         is_eval = epoch % train_args.eval_every == 0 or epoch == train_args.epochs
         if rank == 0 and target is not None and is_eval:
@@ -169,12 +173,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=None)
             continue
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as d:
-            state = {"model": rec.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-            torch.save(state, os.path.join(d, STATE_FILE))
-            with open(os.path.join(d, HISTORY_FILE), "w") as f:
-                json.dump(history, f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        d = tempfile.mkdtemp(prefix="scalerec-ckpt-")
+        state = {"model": rec.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+        state["restarts"] = restarts
+        torch.save(state, os.path.join(d, STATE_FILE))
+        with open(os.path.join(d, HISTORY_FILE), "w") as f:
+            json.dump(history, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        # Reports upload synchronously, so the previous folder is no longer needed. In local
+        # mode (num_workers=0) the result points at the last folder itself: keep that one.
+        if last_dir is not None:
+            shutil.rmtree(last_dir, ignore_errors=True)
+        last_dir = d
+    if last_dir is not None and not config.get("local_mode", False):
+        shutil.rmtree(last_dir, ignore_errors=True)
 
 
 def _storage(storage_path: str) -> tuple[str, Any]:
@@ -213,13 +225,18 @@ def build_trainer(
         "lake": ds.lake.uri,
         "dataset": ds.name,
         "version": ds.version,
+        "local_mode": cfg.train.num_workers == 0,
     }
     # The fault hook travels in the config: workers do not see the driver's later environment.
     if os.environ.get(FAIL_AT_EPOCH_ENV):
         loop_config["fail_at_epoch"] = int(os.environ[FAIL_AT_EPOCH_ENV])
         loop_config["fail_marker"] = os.environ.get(FAIL_MARKER_ENV, "")
     path, filesystem = _storage(storage_path)
-    train_ds = ds.read_ds(*_fit_splits(cfg.train)).randomize_block_order(seed=cfg.seed)
+    # Read the split once: otherwise every epoch re-runs the Parquet read tasks, which costs
+    # more than the epoch itself on small data. Blocks live in the object store, not the driver.
+    train_ds = (
+        ds.read_ds(*_fit_splits(cfg.train)).materialize().randomize_block_order(seed=cfg.seed)
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -1,6 +1,6 @@
 """The whole ScaleRec pipeline on one Ray cluster (what `make run` runs).
 
-    python -m jobs.pipeline --config jobs/configs/synthetic.yaml
+Run: python -m jobs.pipeline --config jobs/configs/synthetic.yaml
 """
 
 from __future__ import annotations

@@ -91,8 +91,15 @@ def planted_interactions(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def write_dataset(
-    lake: Lake, name: str, users: np.ndarray, items: np.ndarray, stamps: np.ndarray,
-    n_users: int, n_items: int, item_genres: list[list[str]], version: str = "v-tiny",
+    lake: Lake,
+    name: str,
+    users: np.ndarray,
+    items: np.ndarray,
+    stamps: np.ndarray,
+    n_users: int,
+    n_items: int,
+    item_genres: list[list[str]],
+    version: str = "v-tiny",
 ) -> DatasetVersion:
     """Write a dataset version in the layout of ``app.dataset`` with the DESIGN.md split."""
     order = np.lexsort((items, stamps, users))

@@ -314,6 +314,7 @@ def test_run_writes_test_metrics(ray_session: None, tmp_path, monkeypatch) -> No
     assert res == expected
     stored = get_record(lake, registry_name(cfg), rec.version).metrics
     assert stored["valid_ndcg@10"] == 0.1  # merged, not replaced
-    assert stored["test_ndcg@10"] == res["ndcg@10"]
+    assert stored["ndcg@10"] == res["ndcg@10"]
+    assert all(stored[k] == res[k] for k in ("recall@10", "hr@10", "mrr@10", "coverage@10"))
     assert stored["test_users"] == res["users"]
     assert stored["test_fit_on"] == "train"

@@ -157,7 +157,7 @@ def _train_plain(model, train: sp.csr_matrix, epochs: int, lr: float = 0.02) -> 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(b)
+            total += loss.item() * len(b)
         losses.append(total / len(users))
     return losses
 

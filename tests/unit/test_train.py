@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 from app.config import AppConfig, ModelArgs, TrainArgs
@@ -69,3 +68,5 @@ def test_resume_after_worker_failure(ray_cluster, tiny_dataset, tmp_path, monkey
     outcome = fit(_cfg(str(tmp_path / "lake"), max_failures=1), tiny_dataset)
     assert marker.exists()  # the run really died once
     _check(outcome, tiny_dataset, 8)
+    # Epochs 1-3 ran before the failure; 4-8 after one restart from the epoch-3 checkpoint.
+    assert [h["restarts"] for h in outcome.history] == [0] * 3 + [1] * 5

@@ -1,0 +1,392 @@
+"""Compression stage: int8 and fp16 quantisation of embedding tables and of a served model.
+
+Serving picks the variant with ``serve.quantize: none|fp16|int8`` and calls
+``quantize(model, cfg.serve.quantize)``; ``python -m bench.compress`` measures size, retrieval
+latency and NDCG@10 of each variant.
+
+- ``int8``: every 2-D float tensor is stored as int8 with one symmetric fp32 scale per row
+  (``x ≈ q * scale``, ``scale = max|row| / 127``): about 3.9x smaller at 64 dims.
+- ``fp16``: every 2-D float tensor is stored as float16: 2x smaller, nearly lossless.
+
+Top-K retrieval over an int8 table uses torch's CPU int8-weight GEMM
+(``aten._weight_int8pack_mm``, activations in bfloat16) to shortlist candidates, then rescores
+the shortlist exactly in fp32 from the int8 rows, so the final order is that of the dequantised
+table. The fp16 table is expanded to fp32 once in memory (CPU fp16 GEMMs are slower than fp32
+ones here), so fp16 saves storage, not retrieval time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from app.model import Recommender, build_model, load_model
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "fp16", "int8")
+_MODE_CODE = {"none": 0, "fp16": 1, "int8": 2}
+_MODE_KEY = "_quantize_mode"
+_Q = ".q"
+_SCALE = ".scale"
+
+
+class CompressError(ValueError):
+    """A model or mode cannot be quantised; the message says why and what to use instead."""
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise CompressError(f"unknown quantize mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    return t.detach().cpu().float().contiguous()
+
+
+def quantize_rows(x: np.ndarray | torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+    """Compress a 2-D float table row by row.
+
+    Returns:
+        ``{"q": values}`` (fp32 for ``none``, float16 for ``fp16``, int8 for ``int8``) plus
+        ``{"scale": per-row fp32 scales}`` for ``int8``.
+    """
+    t = _as_tensor(x)
+    if t.ndim != 2:
+        raise CompressError(f"expected a 2-D table, got shape {tuple(t.shape)}")
+    mode = _check_mode(mode)
+    if mode == "none":
+        return {"q": t.clone()}
+    if mode == "fp16":
+        return {"q": t.half()}
+    scale = t.abs().amax(dim=1) / 127.0
+    # All-zero rows keep scale 1 so that dequantisation never divides by zero.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(t / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return {"q": q, "scale": scale.float()}
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of ``quantize_rows``: the fp32 table."""
+    out = q.float()
+    if scale is not None:
+        out = out * scale.float()[:, None]
+    return out.contiguous()
+
+
+def _int8_gemm_available() -> bool:
+    try:
+        q = torch.ones(8, 32, dtype=torch.int8)
+        torch.ops.aten._weight_int8pack_mm(
+            torch.ones(1, 32, dtype=torch.bfloat16), q, torch.ones(8, dtype=torch.bfloat16)
+        )
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+_INT8_GEMM = _int8_gemm_available()
+
+
+class EmbeddingTable:
+    """An (items x dim) table stored in fp32, fp16 or row-wise int8, with top-K inner-product search.
+
+    Args:
+        values: The stored values (fp32, float16 or int8).
+        scale: Per-row scales of an int8 table (None otherwise).
+        block_rows: Rows scored at once; bounds the temporary memory of a search.
+    """
+
+    def __init__(
+        self, values: torch.Tensor, scale: torch.Tensor | None = None, block_rows: int = 262_144
+    ) -> None:
+        if values.dtype == torch.int8:
+            if scale is None:
+                raise CompressError("an int8 table needs its per-row scales")
+            self.mode = "int8"
+        else:
+            self.mode = "fp16" if values.dtype == torch.float16 else "none"
+        self.values = values.contiguous()
+        self.scale = None if scale is None else scale.float().contiguous()
+        self.block_rows = int(block_rows)
+        # CPU fp16 GEMMs are slower than fp32 ones: compute with an fp32 copy of the fp16 table.
+        self._fp32 = dequantize_rows(values) if self.mode != "int8" else None
+        self._scale_bf16 = self.scale.bfloat16() if self.scale is not None else None
+
+    @classmethod
+    def from_float(cls, x: np.ndarray | torch.Tensor, mode: str, **kw: Any) -> EmbeddingTable:
+        """Quantise an fp32 table (``mode`` one of ``MODES``)."""
+        parts = quantize_rows(x, mode)
+        return cls(parts["q"], parts.get("scale"), **kw)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, dim)."""
+        return (int(self.values.shape[0]), int(self.values.shape[1]))
+
+    def nbytes(self) -> int:
+        """Bytes of the stored table (values + scales), the size that ships and is cached."""
+        n = self.values.numel() * self.values.element_size()
+        if self.scale is not None:
+            n += self.scale.numel() * self.scale.element_size()
+        return int(n)
+
+    def dequantize(self) -> np.ndarray:
+        """The table as fp32 (what its scores are exact for)."""
+        if self._fp32 is not None:
+            return self._fp32.numpy()
+        return dequantize_rows(self.values, self.scale).numpy()
+
+    def _block_scores(self, u: torch.Tensor, start: int, stop: int, exact: bool) -> torch.Tensor:
+        if self._fp32 is not None:
+            return u @ self._fp32[start:stop].T
+        q = self.values[start:stop]
+        assert self.scale is not None and self._scale_bf16 is not None
+        if _INT8_GEMM and not exact:
+            # Shortlisting only: bf16 activations are what the AVX2 int8 kernel is fast for.
+            s = torch.ops.aten._weight_int8pack_mm(
+                u.bfloat16(), q, self._scale_bf16[start:stop]
+            )
+            return s.float()
+        if _INT8_GEMM:
+            return torch.ops.aten._weight_int8pack_mm(u, q, self.scale[start:stop])
+        return (u @ q.float().T) * self.scale[start:stop][None, :]
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """Exact fp32 scores ``queries @ dequantize().T``, shape ``(len(queries), rows)``."""
+        u = _as_tensor(queries)
+        n = self.shape[0]
+        out = torch.empty((len(u), n), dtype=torch.float32)
+        with torch.no_grad():
+            for start in range(0, n, self.block_rows):
+                stop = min(start + self.block_rows, n)
+                out[:, start:stop] = self._block_scores(u, start, stop, exact=True)
+        return out.numpy()
+
+    def _rescore(self, u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Exact fp32 scores of candidate rows ``cand`` (b, c) for queries ``u`` (b, d)."""
+        if self._fp32 is not None:
+            rows = self._fp32[cand]
+        else:
+            assert self.scale is not None
+            rows = self.values[cand].float() * self.scale[cand][..., None]
+        return torch.einsum("bcd,bd->bc", rows, u)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: sp.csr_matrix | None = None,
+        oversample: int = 4,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows by inner product for each query, best first.
+
+        Ties go to the lower row index, like ``app.evaluate.top_k``. Excluded rows are never
+        returned; slots without a candidate hold index ``-1`` and score ``-inf``.
+
+        Args:
+            queries: ``(b, dim)`` query vectors.
+            k: List length.
+            exclude: ``(b, rows)`` matrix whose non-zero entries are excluded, or None.
+            oversample: int8 only: shortlist ``oversample * k + 16`` rows with the fast int8
+                kernel, then rescore them exactly.
+
+        Returns:
+            ``(b, k)`` int64 indices and ``(b, k)`` float32 scores.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        u = _as_tensor(queries)
+        b, n = len(u), self.shape[0]
+        shortlist = n if self.mode != "int8" else min(n, oversample * k + 16)
+        kk = min(k, n)
+        rows = cols = None
+        if exclude is not None:
+            ex = sp.csr_matrix(exclude)
+            if ex.shape != (b, n):
+                raise ValueError(f"exclude has shape {ex.shape}, expected {(b, n)}")
+            ex.eliminate_zeros()
+            rows = np.repeat(np.arange(b), np.diff(ex.indptr))
+            cols = ex.indices.astype(np.int64)
+        best_s = torch.full((b, 0), float("-inf"))
+        best_i = torch.zeros((b, 0), dtype=torch.int64)
+        keep = min(n, max(kk, shortlist if self.mode == "int8" else kk))
+        with torch.no_grad():
+            for start in range(0, n, self.block_rows):
+                stop = min(start + self.block_rows, n)
+                s = self._block_scores(u, start, stop, exact=self.mode != "int8")
+                if rows is not None and cols is not None:
+                    m = (cols >= start) & (cols < stop)
+                    s[torch.from_numpy(rows[m]), torch.from_numpy(cols[m] - start)] = float("-inf")
+                s = torch.nan_to_num(s, nan=torch.finfo(torch.float32).min)
+                top_s, top_i = torch.topk(s, min(keep, stop - start), dim=1)
+                best_s = torch.cat([best_s, top_s], 1)
+                best_i = torch.cat([best_i, top_i + start], 1)
+            if best_s.shape[1] > keep:
+                best_s, pos = torch.topk(best_s, keep, dim=1)
+                best_i = torch.gather(best_i, 1, pos)
+            if self.mode == "int8":
+                excluded = torch.isneginf(best_s)
+                best_s = self._rescore(u, best_i).masked_fill(excluded, float("-inf"))
+        idx = best_i.numpy()
+        vals = best_s.numpy().astype(np.float32)
+        # Score descending, then index ascending (the protocol's tie rule).
+        order = np.lexsort((idx, -vals.astype(np.float64)), axis=1)[:, :kk]
+        idx = np.take_along_axis(idx, order, axis=1)
+        vals = np.take_along_axis(vals, order, axis=1)
+        idx = np.where(np.isneginf(vals), -1, idx)
+        out_i = np.full((b, k), -1, dtype=np.int64)
+        out_s = np.full((b, k), -np.inf, dtype=np.float32)
+        out_i[:, :kk] = idx
+        out_s[:, :kk] = vals
+        return out_i, out_s
+
+
+def _compress_state(state: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {_MODE_KEY: torch.tensor([_MODE_CODE[mode]], dtype=torch.int8)}
+    for key, value in state.items():
+        v = value.detach().cpu()
+        if mode != "none" and v.is_floating_point() and v.ndim == 2:
+            parts = quantize_rows(v, mode)
+            out[key + _Q] = parts["q"]
+            if "scale" in parts:
+                out[key + _SCALE] = parts["scale"]
+        else:
+            out[key] = v.clone()
+    return out
+
+
+def _expand_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == _MODE_KEY or key.endswith(_SCALE):
+            continue
+        if key.endswith(_Q):
+            name = key[: -len(_Q)]
+            out[name] = dequantize_rows(value, state.get(name + _SCALE))
+        else:
+            out[key] = value
+    return out
+
+
+class QuantizedRecommender(Recommender):
+    """A fitted embedding model whose weights and item table are stored in fp16 or int8.
+
+    The wrapped model's 2-D weights are replaced by their quantise-dequantise round trip (so the
+    user tower sees exactly what the registry stores), and its item vectors are kept as an
+    ``EmbeddingTable`` of the same mode for ``score`` and ``search``. ``state_dict`` holds only
+    the compressed tensors (int8 / float16 values, fp32 row scales, and untouched 1-D tensors).
+
+    Args:
+        base: A fitted model with ``item_embeddings()`` (MF, two-tower).
+        mode: ``fp16`` or ``int8`` (``none`` keeps fp32 and is only useful for comparisons).
+    """
+
+    family = "quantized"
+
+    def __init__(self, base: Recommender, mode: str) -> None:
+        mode = _check_mode(mode)
+        if base.item_embeddings() is None:
+            raise CompressError(
+                f"model family {base.family!r} has no embedding tables to quantise; serve it with "
+                "serve.quantize=none (quantize() passes such models through only for 'none')"
+            )
+        super().__init__(base.n_users, base.n_items)
+        self.mode = mode
+        self.base_family = base.family
+        self._base_hparams = base.hparams()
+        self._set_state(_compress_state(base.state_dict(), mode))
+
+    def _set_state(self, compressed: dict[str, torch.Tensor]) -> None:
+        self._state = compressed
+        self.base = load_model(
+            self.base_family, self.n_users, self.n_items, self._base_hparams,
+            _expand_state(compressed),
+        )
+        items = self.base.item_embeddings()
+        assert items is not None
+        self.table = EmbeddingTable.from_float(items, self.mode)
+
+    def score(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:  # noqa: D102
+        return self.table.scores(self.user_embeddings(users, history))
+
+    def search(
+        self, users: np.ndarray, history: sp.csr_matrix, k: int, exclude_history: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item indices and scores per user, best first (history excluded by default)."""
+        u = self.user_embeddings(users, history)
+        exclude = None
+        if exclude_history:
+            exclude = sp.csr_matrix(history)[:, : self.n_items]
+            if exclude.shape[1] < self.n_items:
+                exclude = sp.hstack(
+                    [exclude, sp.csr_matrix((exclude.shape[0], self.n_items - exclude.shape[1]))],
+                    format="csr",
+                )
+        return self.table.search(u, k, exclude)
+
+    def item_embeddings(self) -> np.ndarray:  # noqa: D102
+        return self.table.dequantize()
+
+    def user_embeddings(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray | None:  # noqa: D102
+        u = self.base.user_embeddings(users, history)
+        assert u is not None
+        return u
+
+    def state_dict(self) -> dict[str, torch.Tensor]:  # noqa: D102
+        return {k: v.clone() for k, v in self._state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # noqa: D102
+        code = int(state[_MODE_KEY][0]) if _MODE_KEY in state else None
+        if code is not None and code != _MODE_CODE[self.mode]:
+            stored = {v: k for k, v in _MODE_CODE.items()}.get(code, str(code))
+            raise CompressError(f"state was quantised as {stored!r}, this model is {self.mode!r}")
+        self._set_state({k: v.detach().cpu() for k, v in state.items()})
+
+    def hparams(self) -> dict[str, Any]:  # noqa: D102
+        return {"quantize": self.mode, "base_family": self.base_family, **self._base_hparams}
+
+    def nbytes(self) -> int:
+        """Bytes of the stored (compressed) weights."""
+        return state_nbytes(self._state)
+
+
+def state_nbytes(state: dict[str, torch.Tensor]) -> int:
+    """Total tensor bytes of a state dict (the size of a model in the registry, minus framing)."""
+    return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def quantize(model: Recommender, mode: str) -> Recommender:
+    """Return ``model`` compressed as ``mode`` (``serve.quantize``).
+
+    ``none`` returns the model itself. Models without embedding tables (popularity, EASE) are
+    passed through unchanged for ``none`` and raise ``CompressError`` otherwise.
+    """
+    mode = _check_mode(mode)
+    if mode == "none":
+        return model
+    if isinstance(model, QuantizedRecommender):
+        if model.mode == mode:
+            return model
+        raise CompressError(f"model is already quantised as {model.mode!r}; start from fp32")
+    return QuantizedRecommender(model, mode)
+
+
+def quantized_builder(mode: str) -> Any:
+    """A ``registry.load_model`` builder for versions registered as ``QuantizedRecommender``.
+
+    ``load_model(lake, name, ref, builder=quantized_builder("int8"))`` builds the fp32 model the
+    config describes, wraps it, and the registry then loads the stored compressed state into it.
+    """
+    mode = _check_mode(mode)
+
+    def build(args: Any, n_users: int, n_items: int, **kw: Any) -> Recommender:
+        return QuantizedRecommender(build_model(args, n_users, n_items, **kw), mode)
+
+    return build

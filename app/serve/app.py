@@ -1,0 +1,500 @@
+"""Serving stage: FastAPI ingress over Retriever → Ranker, with cache, online store and reload.
+
+Run with ``python -m jobs.serve --config serve_configs/local.yaml`` or
+``serve run serve_configs/local.yaml`` (``import_path: app.serve:build_app``).
+"""
+
+# No ``from __future__ import annotations`` here: Serve validates ``args`` against the builder's
+# annotation only when it is a class, not a string.
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Header, HTTPException, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from app.lake import Lake
+from app.registry import ModelRecord, RegistryError, get_record, resolve
+from app.serve.args import ServeAppArgs
+from app.serve.cache import TTLCache
+from app.serve.metrics import ServeMetrics
+from app.serve.ranker import Ranker
+from app.serve.retriever import Candidates, Retriever
+from app.serve.retriever import Query as RetrievalQuery
+from app.serve.store import Catalogue, EventLog, ServingPointer, load_catalogue
+
+log = logging.getLogger(__name__)
+
+ID = Field(min_length=1, max_length=256)
+
+
+class RecommendRequest(BaseModel):
+    """Body of ``POST /recommend``."""
+
+    user_id: str | None = Field(None, max_length=256, description="Omit for anonymous users.")
+    k: int | None = Field(None, description="List length (1..max_k; default default_k).")
+    context: list[str] = Field(default_factory=list, description="Item ids the user just saw.")
+    exclude: list[str] = Field(default_factory=list, description="Item ids never to return.")
+    include_seen: bool = Field(False, description="Allow items the user interacted with.")
+
+
+class ItemScore(BaseModel):
+    """One recommended item."""
+
+    item_id: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    """A recommendation list."""
+
+    user_id: str | None
+    items: list[ItemScore]
+    model_version: str
+    cached: bool
+    strategy: str = Field(description="personal, context (fold-in of the history) or popularity.")
+    history_version: int = Field(description="Live events of this user included in the answer.")
+
+
+class SimilarResponse(BaseModel):
+    """Items similar to one item."""
+
+    item_id: str
+    items: list[ItemScore]
+    model_version: str
+    cached: bool
+
+
+class Event(BaseModel):
+    """One user action."""
+
+    user_id: str = ID
+    item_id: str = ID
+    event: str = Field("interaction", max_length=64)
+    timestamp: float | None = Field(None, description="Unix seconds; default: arrival time.")
+
+
+class EventsRequest(BaseModel):
+    """Body of ``POST /events``."""
+
+    events: list[Event] = Field(min_length=1)
+
+
+class EventsResponse(BaseModel):
+    """Acknowledgement of durably appended events."""
+
+    accepted: int
+    history_versions: dict[str, int]
+
+
+class HealthResponse(BaseModel):
+    """Liveness and what is served."""
+
+    status: str
+    model: str
+    model_version: str
+    dataset_version: str
+
+
+class ReloadRequest(BaseModel):
+    """Body of ``POST /admin/reload``."""
+
+    model: str = Field(min_length=1, max_length=128, description="Version id, prefix or alias.")
+
+
+class ReloadResponse(BaseModel):
+    """Result of a reload."""
+
+    previous: str
+    version: str
+
+
+api = FastAPI(
+    title="ScaleRec",
+    description="Recommendations from the ScaleRec model registry, served by Ray Serve.",
+    version="1.0",
+)
+_RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
+"""Per-replica settings the ASGI guard reads (set by ``Ingress.__init__``)."""
+
+
+def _endpoint(path: str) -> str:
+    head = "/".join(path.split("/")[:3]) if path.startswith("/admin") else path.split("/")[1]
+    name = head if head.startswith("/admin") else f"/{head}"
+    known = ("/recommend", "/similar", "/events", "/healthz", "/admin/reload", "/docs")
+    return name if name in known else "other"
+
+
+class _Guard:
+    """ASGI middleware: 413 for oversized bodies, latency and status metrics per endpoint."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = int(_RUNTIME["max_body_bytes"])
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            response = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+            await response(scope, receive, send_wrapper)
+        else:
+            seen = {"n": 0}
+
+            async def limited_receive() -> dict[str, Any]:
+                message: dict[str, Any] = await receive()
+                seen["n"] += len(message.get("body", b""))
+                if seen["n"] > limit:
+                    raise HTTPException(413, f"request body over {limit} bytes")
+                return message
+
+            await self.app(scope, limited_receive, send_wrapper)
+        metrics: ServeMetrics | None = _RUNTIME["metrics"]
+        if metrics is not None:
+            endpoint = _endpoint(scope.get("path", ""))
+            tags = {"endpoint": endpoint}
+            metrics.latency_ms.observe((time.perf_counter() - start) * 1000.0, tags=tags)
+            metrics.requests.inc(tags={**tags, "status": str(status["code"])})
+
+
+api.add_middleware(_Guard)
+
+
+@api.exception_handler(RegistryError)
+async def _registry_error(_: Any, exc: RegistryError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+@dataclass
+class _State:
+    """One servable model version as the ingress sees it."""
+
+    version: str
+    record: ModelRecord
+    catalogue: Catalogue
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _items(cat: Catalogue, cand: Candidates) -> list[ItemScore]:
+    return [
+        ItemScore(item_id=cat.item_ids[int(i)], score=float(s))
+        for i, s in zip(cand.items, cand.scores, strict=True)
+    ]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: id mapping, seen-item filtering, cache, events, health and reload."""
+
+    def __init__(
+        self,
+        args: dict[str, Any],
+        version: str,
+        app_id: str,
+        token_sha256: str | None,
+        retriever: DeploymentHandle,
+        ranker: DeploymentHandle,
+    ) -> None:
+        self.args = ServeAppArgs.model_validate(args)
+        self.lake = Lake(self.args.lake)
+        self.retriever = retriever
+        self.ranker = ranker
+        env_token = os.environ.get(self.args.admin_token_env)
+        self.token_sha256 = _hash(env_token) if env_token else token_sha256
+        self.metrics = ServeMetrics("ingress")
+        _RUNTIME.update(max_body_bytes=self.args.max_body_bytes, metrics=self.metrics)
+        self.cache: TTLCache[Any] = TTLCache(self.args.cache_size, self.args.cache_ttl_s)
+        self._catalogues: dict[tuple[str, str], Catalogue] = {}
+        self.pointer = ServingPointer(self.lake, self.args.name, app_id, self.args.pointer_poll_s)
+        self.state = self._load_state(self.pointer.read() or version)
+        self.events = EventLog(self.lake, self.state.catalogue.dataset, self.args.pointer_poll_s)
+        self.events.refresh(force=True)
+        self._switching: asyncio.Task[None] | None = None
+        self._batched.set_max_batch_size(self.args.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.metrics.set_version(self.state.version)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _load_state(self, version: str) -> _State:
+        record = get_record(self.lake, self.args.name, version)
+        ds = record.lineage["dataset"]
+        key = (str(ds["name"]), str(ds["version"]))
+        if key not in self._catalogues:
+            self._catalogues = {
+                k: v for k, v in self._catalogues.items() if k == self._current_dataset()
+            }
+            self._catalogues[key] = load_catalogue(self.lake, *key)
+        return _State(record.version, record, self._catalogues[key])
+
+    def _current_dataset(self) -> tuple[str, str] | None:
+        state = getattr(self, "state", None)
+        return None if state is None else (state.catalogue.dataset, state.catalogue.version)
+
+    def _sync(self) -> _State:
+        """Follow the serving pointer (switch in the background) and tail the event log."""
+        wanted = self.pointer.read()
+        if wanted and wanted != self.state.version and self._switching is None:
+            self._switching = asyncio.get_running_loop().create_task(self._switch(wanted))
+        self.events.refresh()
+        return self.state
+
+    async def _switch(self, version: str) -> None:
+        try:
+            state = await asyncio.to_thread(self._load_state, version)
+            await self.retriever.warm.remote(state.version)
+            self.state = state
+            self.metrics.set_version(state.version)
+        except Exception:  # keep serving the old version; retry on a later request
+            log.exception("could not switch to %s", version)
+        finally:
+            self._switching = None
+
+    # -- retrieval ------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _batched(self, queries: list[RetrievalQuery]) -> list[Candidates]:
+        # One handle call per batch of HTTP requests: the proxy→ingress hop is per request, but
+        # ingress→retriever(→ranker) is per batch.
+        response = self.retriever.retrieve.remote(queries)
+        if self.args.ranker_active:
+            response = self.ranker.rank.remote(response, [q.k for q in queries])
+        result: list[Candidates] = await response
+        return result
+
+    def _check_k(self, k: int | None) -> int:
+        k = self.args.default_k if k is None else k
+        if not 1 <= k <= self.args.max_k:
+            raise HTTPException(422, f"k must be between 1 and {self.args.max_k}, got {k}")
+        return k
+
+    def _check_items(self, cat: Catalogue, ids: list[str], what: str) -> None:
+        if len(ids) > self.args.max_context_items:
+            raise HTTPException(
+                422, f"{what}: at most {self.args.max_context_items} items, got {len(ids)}"
+            )
+        unknown = cat.unknown_items(ids)
+        if unknown:
+            raise HTTPException(422, f"{what}: unknown item ids {unknown[:10]}")
+
+    async def _recommend(
+        self,
+        user_id: str | None,
+        k: int | None,
+        context: list[str],
+        exclude: list[str],
+        include_seen: bool,
+    ) -> RecommendResponse:
+        state = self._sync()
+        cat = state.catalogue
+        k = self._check_k(k)
+        self._check_items(cat, context, "context")
+        self._check_items(cat, exclude, "exclude")
+        hv = self.events.version(user_id) if user_id else 0
+        key = ("rec", state.version, user_id, hv, k, tuple(context), tuple(exclude), include_seen)
+        hit = self.cache.get(key)
+        self.metrics.cache.inc(tags={"result": "hit" if hit is not None else "miss"})
+        if hit is not None:
+            return hit.model_copy(update={"cached": True})
+
+        user_idx = cat.user_index.get(user_id, -1) if user_id else -1
+        stored = cat.known_items(user_idx)
+        live = cat.to_index(self.events.items(user_id)) if user_id else stored[:0]
+        recent = np.setdiff1d(live, stored)
+        history = np.union1d(np.union1d(stored, recent), cat.to_index(context))
+        excluded = np.union1d(cat.to_index(exclude), stored[:0] if include_seen else history)
+        if not len(history):
+            strategy = "popularity"
+            cand = self._popular(state, excluded, k)
+        else:
+            strategy = "personal" if user_idx >= 0 else "context"
+            n_fetch = k
+            if self.args.ranker_active:
+                n_fetch = min(cat.n_items, 3 * k + len(self.args.blocked_items))
+            query = RetrievalQuery(state.version, user_idx, history, recent, excluded, n_fetch)
+            cand = await self._batched(query)
+        answer = RecommendResponse(
+            user_id=user_id,
+            items=_items(cat, cand),
+            model_version=cand.version,
+            cached=False,
+            strategy=strategy,
+            history_version=hv,
+        )
+        self.cache.put(key, answer)
+        return answer
+
+    def _popular(self, state: _State, excluded: np.ndarray, k: int) -> Candidates:
+        cat = state.catalogue
+        head = cat.popular[: k + len(excluded)]
+        head = head[~np.isin(head, excluded)][:k]
+        return Candidates(state.version, head, cat.popularity[head])
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    @api.get("/recommend/{user_id}", response_model=RecommendResponse)
+    async def recommend_get(
+        self, user_id: str, k: int | None = Query(None, description="List length.")
+    ) -> RecommendResponse:
+        """Top-k items for a user; unknown users get popular items."""
+        return await self._recommend(user_id, k, [], [], False)
+
+    @api.post("/recommend", response_model=RecommendResponse)
+    async def recommend_post(self, body: RecommendRequest) -> RecommendResponse:
+        """Top-k items for a user or an anonymous context, with optional exclusions."""
+        return await self._recommend(
+            body.user_id, body.k, body.context, body.exclude, body.include_seen
+        )
+
+    @api.get("/similar/{item_id}", response_model=SimilarResponse)
+    async def similar(self, item_id: str, k: int | None = Query(None)) -> SimilarResponse:
+        """Items most similar to ``item_id``."""
+        state = self._sync()
+        k = self._check_k(k)
+        idx = state.catalogue.item_index.get(item_id)
+        if idx is None:
+            raise HTTPException(404, f"unknown item id {item_id!r}")
+        key = ("sim", state.version, item_id, k)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit.model_copy(update={"cached": True})
+        cand: Candidates = await self.retriever.similar.remote(state.version, idx, k)
+        answer = SimilarResponse(
+            item_id=item_id,
+            items=_items(state.catalogue, cand),
+            model_version=cand.version,
+            cached=False,
+        )
+        self.cache.put(key, answer)
+        return answer
+
+    @api.post("/events", status_code=202, response_model=EventsResponse)
+    async def post_events(self, body: EventsRequest) -> EventsResponse:
+        """Append user actions durably; the next recommendation for those users reflects them."""
+        if len(body.events) > self.args.max_events:
+            raise HTTPException(
+                413, f"at most {self.args.max_events} events per request, got {len(body.events)}"
+            )
+        cat = self._sync().catalogue
+        unknown = cat.unknown_items([e.item_id for e in body.events])
+        if unknown:
+            raise HTTPException(422, f"unknown item ids {sorted(set(unknown))[:10]}")
+        now = time.time()
+        rows = [
+            {
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "event": e.event,
+                "timestamp": e.timestamp if e.timestamp is not None else now,
+                "received_at": now,
+            }
+            for e in body.events
+        ]
+        await asyncio.to_thread(self.events.append, rows)
+        self.metrics.events.inc(len(rows))
+        users = dict.fromkeys(e.user_id for e in body.events)
+        return EventsResponse(
+            accepted=len(rows), history_versions={u: self.events.version(u) for u in users}
+        )
+
+    @api.get("/healthz", response_model=HealthResponse)
+    async def healthz(self) -> HealthResponse:
+        """Liveness and the served model version."""
+        state = self._sync()
+        return HealthResponse(
+            status="ok",
+            model=self.args.name,
+            model_version=state.version,
+            dataset_version=state.catalogue.version,
+        )
+
+    @api.post("/admin/reload", response_model=ReloadResponse)
+    async def reload(
+        self, body: ReloadRequest, authorization: str | None = Header(None)
+    ) -> ReloadResponse:
+        """Switch every replica to a registry version or alias without failing a request."""
+        self._authorize(authorization)
+        previous = self._sync().version
+        version = resolve(self.lake, self.args.name, body.model)
+        state = await asyncio.to_thread(self._load_state, version)
+        # Load the model on the retriever replicas before anyone asks for it (each call lands
+        # on some replica; the others load on first use, which delays but never fails).
+        await asyncio.gather(*(self.retriever.warm.remote(version) for _ in range(4)))
+        self.pointer.write(version, previous=previous, ref=body.model)
+        self.state = state
+        self.metrics.set_version(version)
+        log.info("reloaded %s: %s -> %s", self.args.name, previous, version)
+        return ReloadResponse(previous=previous, version=version)
+
+    def _authorize(self, authorization: str | None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if self.token_sha256 is None:
+            raise HTTPException(403, f"admin disabled: {self.args.admin_token_env} is not set")
+        if not hmac.compare_digest(_hash(token.strip()), self.token_sha256):
+            raise HTTPException(403, "wrong admin token")
+
+
+def build_application(
+    args: ServeAppArgs | dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None
+) -> Application:
+    """The ScaleRec application graph, with optional per-deployment option overrides.
+
+    Args:
+        args: Application arguments.
+        deployments: ``{"Retriever": {"autoscaling_config": ...}, ...}`` as in a Serve config's
+            ``deployments:`` list (``jobs.serve`` passes the YAML's).
+    """
+    if not isinstance(args, ServeAppArgs):
+        args = ServeAppArgs.model_validate(args)
+    lake = Lake(args.lake)
+    version = resolve(lake, args.name, args.model)
+    token = os.environ.get(args.admin_token_env)
+    opts = deployments or {}
+    retriever = Retriever.options(**opts.get("Retriever", {})).bind(
+        args.lake, args.name, version, args.max_batch_size, args.batch_wait_timeout_s
+    )
+    ranker = Ranker.options(**opts.get("Ranker", {})).bind(
+        args.lake, args.name, args.max_per_genre, list(args.blocked_items)
+    )
+    return Ingress.options(**opts.get("Ingress", {})).bind(
+        args.model_dump(mode="json"),
+        version,
+        uuid.uuid4().hex[:12],
+        _hash(token) if token else None,
+        retriever,
+        ranker,
+    )
+
+
+def build_app(args: ServeAppArgs) -> Application:
+    """Serve's typed application builder (``import_path: app.serve:build_app``)."""
+    return build_application(args)

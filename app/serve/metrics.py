@@ -1,0 +1,67 @@
+"""Prometheus metrics of the serving stage (``ray.serve.metrics``), created inside replicas.
+
+Exported on each node's Ray metrics export port as ``ray_scalerec_*`` next to Serve's built-in
+``ray_serve_*`` series (see app/serve/README_SECTION.md for the scrape config).
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES_MS = [1, 2, 3, 5, 7.5, 10, 15, 20, 25, 35, 50, 75, 100, 250, 500, 1000]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+
+
+class ServeMetrics:
+    """The custom metrics of one replica; ``component`` tags them (ingress, retriever)."""
+
+    def __init__(self, component: str) -> None:
+        tags = {"component": component}
+        self.latency_ms = Histogram(
+            "scalerec_request_latency_ms",
+            description="Ingress latency per endpoint, from request to answer (ms).",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("component", "endpoint"),
+        )
+        self.latency_ms.set_default_tags(tags)
+        self.requests = Counter(
+            "scalerec_requests",
+            description="Requests by endpoint and HTTP status.",
+            tag_keys=("component", "endpoint", "status"),
+        )
+        self.requests.set_default_tags(tags)
+        self.cache = Counter(
+            "scalerec_cache_lookups",
+            description="Answer cache lookups by result (hit / miss).",
+            tag_keys=("component", "result"),
+        )
+        self.cache.set_default_tags(tags)
+        self.batch_size = Histogram(
+            "scalerec_batch_size",
+            description="Queries scored per batch.",
+            boundaries=BATCH_BOUNDARIES,
+            tag_keys=("component",),
+        )
+        self.batch_size.set_default_tags(tags)
+        self.model_version = Gauge(
+            "scalerec_model_version_info",
+            description="1 for the model version this replica serves (tag: version).",
+            tag_keys=("component", "version"),
+        )
+        self.model_version.set_default_tags(tags)
+        self.events = Counter(
+            "scalerec_events_appended",
+            description="User events appended durably by POST /events.",
+            tag_keys=("component",),
+        )
+        self.events.set_default_tags(tags)
+        self._version: str | None = None
+
+    def set_version(self, version: str) -> None:
+        """Mark ``version`` as served (and the previous one as no longer served)."""
+        if version == self._version:
+            return
+        if self._version is not None:
+            self.model_version.set(0, tags={"version": self._version})
+        self.model_version.set(1, tags={"version": version})
+        self._version = version

@@ -1,0 +1,83 @@
+"""Ranker deployment of the serving stage: business rules on the retriever's candidates.
+
+Honest scope: it does not re-score with a second model. It removes blocked items and applies a
+per-genre diversity cap (greedy: walk the candidates best first, defer an item whose genre is
+already at ``max_per_genre``, fill from the deferred ones if the list would run short). Scores
+are the retriever's. The ingress skips this hop when neither rule is configured.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from ray import serve
+
+from app.dataset import GENRES, ITEM_ID, load_dataset
+from app.lake import Lake
+from app.registry import get_record
+from app.serve.retriever import Candidates
+
+
+def rerank(
+    cand: Candidates, k: int, genres: list[list[str]], blocked: set[int], max_per_genre: int
+) -> Candidates:
+    """Apply the blocked-item filter and the genre cap to one candidate list; keep ``k``."""
+    picked: list[int] = []
+    deferred: list[int] = []
+    per_genre: Counter[str] = Counter()
+    for pos, item in enumerate(cand.items.tolist()):
+        if item in blocked:
+            continue
+        gs = genres[item] if item < len(genres) else []
+        if max_per_genre > 0 and any(per_genre[g] >= max_per_genre for g in gs):
+            deferred.append(pos)
+            continue
+        per_genre.update(gs)
+        picked.append(pos)
+        if len(picked) == k:
+            break
+    pos_arr = np.asarray((picked + deferred)[:k], dtype=np.int64)
+    return Candidates(cand.version, cand.items[pos_arr], cand.scores[pos_arr])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+class Ranker:
+    """Blocked-item filter and genre diversity cap over retrieved candidates."""
+
+    def __init__(self, lake: str, name: str, max_per_genre: int, blocked_items: list[str]) -> None:
+        self.lake = Lake(lake)
+        self.name = name
+        self.max_per_genre = max_per_genre
+        self.blocked_ids = set(blocked_items)
+        self._catalogues: dict[str, tuple[list[list[str]], set[int]]] = {}
+
+    def _catalogue(self, version: str) -> tuple[list[list[str]], set[int]]:
+        if version not in self._catalogues:
+            info = get_record(self.lake, self.name, version).lineage["dataset"]
+            items = load_dataset(self.lake, info["name"], info["version"]).items()
+            ids = [str(i) for i in items.column(ITEM_ID).to_pylist()]
+            idx = items.column("item_idx").to_numpy()
+            genres: list[list[str]] = [[] for _ in range(len(ids))]
+            if GENRES in items.column_names:
+                for i, gs in zip(idx, items.column(GENRES).to_pylist(), strict=True):
+                    genres[int(i)] = list(gs or [])
+            blocked = {int(i) for i, iid in zip(idx, ids, strict=True) if iid in self.blocked_ids}
+            if len(self._catalogues) >= 2:  # the served version and the previous one
+                self._catalogues.pop(next(iter(self._catalogues)))
+            self._catalogues[version] = (genres, blocked)
+        return self._catalogues[version]
+
+    def rank(self, candidates: list[Candidates], ks: list[int]) -> list[Candidates]:
+        """Rerank each candidate list to its ``k``."""
+        out = []
+        for cand, k in zip(candidates, ks, strict=True):
+            genres, blocked = self._catalogue(cand.version)
+            out.append(rerank(cand, k, genres, blocked, self.max_per_genre))
+        return out
+
+
+def dataset_of(lake: Lake, name: str, version: str) -> tuple[str, str]:
+    """``(dataset name, dataset version)`` a model version was trained on."""
+    info = get_record(lake, name, version).lineage["dataset"]
+    return str(info["name"]), str(info["version"])

@@ -1,0 +1,229 @@
+"""Retriever deployment of the serving stage: exact top-K over every item, batched.
+
+Models with embeddings (MF, two-tower) score a batch of users with one ``U @ Vᵀ`` matrix-matrix
+product (``@serve.batch`` turns many matrix-vector products into one); models without them
+(popularity, EASE) score through ``Recommender.score``. The replica keeps the two most recent
+model versions in memory and loads a version the first time a query names it, so a reload never
+fails a request (the first queries of a new version wait for its load instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from ray import serve
+
+from app.lake import Lake
+from app.model import Recommender
+from app.registry import ModelRecord, load_model
+
+log = logging.getLogger(__name__)
+
+KEEP_VERSIONS = 2
+"""Model versions a replica keeps loaded (the served one and the previous one)."""
+
+
+@dataclass
+class Query:
+    """One user to score: everything the retriever needs, in internal indices."""
+
+    version: str
+    user_idx: int
+    """Index in the model's user table, or -1 for users unknown to the model."""
+    history: np.ndarray
+    """Known items (stored interactions + live events): the input of fold-in and EASE."""
+    recent: np.ndarray
+    """Items from live events not in the stored history (MF folds them into the user vector)."""
+    exclude: np.ndarray
+    """Items never returned (seen items, request exclusions)."""
+    k: int
+
+
+@dataclass
+class Candidates:
+    """Top items of one query, best first."""
+
+    version: str
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+
+def top_k_dot(
+    users: np.ndarray, items: np.ndarray | torch.Tensor, exclude: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``users @ itemsᵀ`` per row, excluded items removed.
+
+    Args:
+        users: ``(B, d)`` user vectors.
+        items: ``(N, d)`` item vectors (a float32 tensor avoids a copy per call).
+        exclude: per row, item indices that must not be returned.
+        k: list length (rows with fewer candidates are padded with ``-1`` / ``-inf``).
+
+    Returns:
+        ``(B, k)`` item indices and ``(B, k)`` scores, best first.
+    """
+    v = items if isinstance(items, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(items))
+    u = torch.from_numpy(np.ascontiguousarray(users, dtype=np.float32))
+    scores = u @ v.T
+    return _top_k_scores(scores, exclude, k)
+
+
+def _top_k_scores(
+    scores: torch.Tensor, exclude: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    n_rows, n_items = scores.shape
+    for row, ex in enumerate(exclude):
+        if len(ex):
+            scores[row, torch.from_numpy(np.asarray(ex, dtype=np.int64))] = float("-inf")
+    kk = min(k, n_items)
+    vals, idx = torch.topk(scores, kk, dim=1, sorted=True)
+    out_i = np.full((n_rows, k), -1, dtype=np.int64)
+    out_s = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    out_i[:, :kk] = idx.numpy()
+    out_s[:, :kk] = vals.numpy()
+    out_i[~np.isfinite(out_s)] = -1
+    return out_i, out_s
+
+
+def _csr(rows: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    lens = np.array([len(r) for r in rows], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    indices = np.concatenate(rows).astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+    data = np.ones(len(indices), dtype=np.float32)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n_items))
+
+
+class LoadedModel:
+    """A registry version ready to score: the model plus its item vectors as a tensor."""
+
+    def __init__(self, model: Recommender, record: ModelRecord) -> None:
+        self.model = model
+        self.record = record
+        self.version = record.version
+        emb = model.item_embeddings()
+        self.items: torch.Tensor | None = (
+            None if emb is None else torch.from_numpy(np.ascontiguousarray(emb, np.float32))
+        )
+        self._normed: torch.Tensor | None = None
+
+    def score(self, queries: list[Query]) -> list[Candidates]:
+        """Top-k of every query (one matrix product for the whole batch)."""
+        m = self.model
+        users = np.array([q.user_idx for q in queries], dtype=np.int64)
+        history = _csr([q.history for q in queries], m.n_items)
+        k = max(q.k for q in queries)
+        if self.items is None:
+            scores = torch.from_numpy(np.array(m.score(users, history), dtype=np.float32))
+            idx, vals = _top_k_scores(scores, [q.exclude for q in queries], k)
+        else:
+            u = np.array(m.user_embeddings(users, history), dtype=np.float32)
+            if m.family == "mf":
+                u = self._fold_in_recent(u, users, queries)
+            idx, vals = top_k_dot(u, self.items, [q.exclude for q in queries], k)
+        out = []
+        for row, q in enumerate(queries):
+            keep = idx[row, : q.k] >= 0
+            out.append(Candidates(self.version, idx[row, : q.k][keep], vals[row, : q.k][keep]))
+        return out
+
+    def _fold_in_recent(self, u: np.ndarray, users: np.ndarray, queries: list[Query]) -> np.ndarray:
+        # MF keeps a trained vector per known user, which ignores live events: blend in the
+        # fold-in (mean item vector) of the recent items, weighted by their share of the history.
+        rows = [
+            r
+            for r, q in enumerate(queries)
+            if len(q.recent) and 0 <= q.user_idx < self.model.n_users
+        ]
+        if not rows:
+            return u
+        recent = _csr([queries[r].recent for r in rows], self.model.n_items)
+        folded = self.model.user_embeddings(np.full(len(rows), -1, dtype=np.int64), recent)
+        assert folded is not None
+        for j, r in enumerate(rows):
+            n_new, n_all = len(queries[r].recent), max(len(queries[r].history), 1)
+            w = n_new / n_all
+            u[r] = (1.0 - w) * u[r] + w * folded[j]
+        return u
+
+    def similar(self, item_idx: int, k: int) -> Candidates:
+        """Items closest to ``item_idx``: cosine over item vectors, else the model's scores."""
+        if self.items is None:
+            hist = _csr([np.array([item_idx])], self.model.n_items)
+            scores = torch.from_numpy(
+                np.array(self.model.score(np.array([-1]), hist), dtype=np.float32)
+            )
+        else:
+            if self._normed is None:
+                self._normed = torch.nn.functional.normalize(self.items, dim=1)
+            scores = (self._normed @ self._normed[item_idx])[None, :].clone()
+        idx, vals = _top_k_scores(scores, [np.array([item_idx])], k)
+        keep = idx[0] >= 0
+        return Candidates(self.version, idx[0][keep], vals[0][keep])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class Retriever:
+    """Exact top-K retrieval over the whole catalogue for a batch of users."""
+
+    def __init__(
+        self, lake: str, name: str, version: str, max_batch_size: int, batch_wait_timeout_s: float
+    ) -> None:
+        self.lake = Lake(lake)
+        self.name = name
+        self.models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._load_sync(version)
+        self.retrieve.set_max_batch_size(max_batch_size)
+        self.retrieve.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        from app.serve.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics("retriever")
+
+    def _load_sync(self, version: str) -> LoadedModel:
+        model, record = load_model(self.lake, self.name, version)
+        loaded = LoadedModel(model, record)
+        self.models[record.version] = loaded
+        while len(self.models) > KEEP_VERSIONS:
+            self.models.popitem(last=False)
+        log.info("retriever loaded %s %s", self.name, record.version)
+        return loaded
+
+    async def _get(self, version: str) -> LoadedModel:
+        if version in self.models:
+            return self.models[version]
+        lock = self._locks.setdefault(version, asyncio.Lock())
+        async with lock:
+            if version not in self.models:
+                await asyncio.to_thread(self._load_sync, version)
+        return self.models[version]
+
+    async def warm(self, version: str) -> str:
+        """Load ``version`` ahead of the switch to it; returns the loaded version id."""
+        return (await self._get(version)).version
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def retrieve(self, calls: list[list[Query]]) -> list[list[Candidates]]:
+        """Score every query of every call in one pass per model version."""
+        flat = [q for call in calls for q in call]
+        self.metrics.batch_size.observe(len(flat))
+        results: dict[int, Candidates] = {}
+        for version in dict.fromkeys(q.version for q in flat):
+            loaded = await self._get(version)
+            pos = [i for i, q in enumerate(flat) if q.version == version]
+            for i, cand in zip(pos, loaded.score([flat[i] for i in pos]), strict=True):
+                results[i] = cand
+        out, start = [], 0
+        for call in calls:
+            out.append([results[i] for i in range(start, start + len(call))])
+            start += len(call)
+        return out
+
+    async def similar(self, version: str, item_idx: int, k: int) -> Candidates:
+        """Items most similar to one item."""
+        return (await self._get(version)).similar(item_idx, k)

@@ -1,0 +1,236 @@
+"""Online store of the serving stage: id maps, user histories, live events and the model pointer.
+
+- ``Catalogue``: one dataset version's id maps, known interactions (all splits) and popularity.
+- ``EventLog``: ``POST /events`` appends JSON lines durably under ``<lake>/events/<dataset>/``
+  (fsync'ed before the 202) and every ingress replica tails the same log, so the next
+  ``/recommend`` on any replica sees them. Each user's *history version* is the number of their
+  events in the log, which is part of the answer cache key.
+- ``ServingPointer``: the model version the application serves, in
+  ``<lake>/serving/<name>/<app id>.json``; ``POST /admin/reload`` rewrites it and every replica
+  follows.
+
+On a local (or NFS) lake, replicas check the log and the pointer on every request (one
+``scandir``/``stat``, microseconds). On S3 each event batch is its own object and replicas poll
+every ``pointer_poll_s``; the replica that accepted the events sees them at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import posixpath
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from app.dataset import GENRES, ITEM_ID, USER_ID, load_dataset
+from app.lake import Lake
+
+
+@dataclass
+class Catalogue:
+    """Id maps, known interactions and popularity of one dataset version."""
+
+    dataset: str
+    version: str
+    user_index: dict[str, int]
+    item_ids: list[str]
+    item_index: dict[str, int]
+    history: sp.csr_matrix
+    """Binary users x items matrix of every split (items a user already interacted with)."""
+    popular: np.ndarray
+    """Item indices by decreasing interaction count (ties: lower index first)."""
+    popularity: np.ndarray
+    """Interaction count per item, as float32 scores for popularity answers."""
+    genres: list[list[str]]
+
+    @property
+    def n_items(self) -> int:
+        """Number of items."""
+        return len(self.item_ids)
+
+    def known_items(self, user_idx: int) -> np.ndarray:
+        """Item indices of a known user's stored interactions."""
+        if user_idx < 0 or user_idx >= self.history.shape[0]:
+            return np.zeros(0, dtype=np.int64)
+        h = self.history
+        return np.asarray(h.indices[h.indptr[user_idx] : h.indptr[user_idx + 1]], dtype=np.int64)
+
+    def unknown_items(self, item_ids: list[str]) -> list[str]:
+        """The ids of ``item_ids`` that are not in the catalogue."""
+        return [i for i in item_ids if i not in self.item_index]
+
+    def to_index(self, item_ids: list[str]) -> np.ndarray:
+        """Internal indices of known item ids (unknown ones are skipped)."""
+        idx = [self.item_index[i] for i in item_ids if i in self.item_index]
+        return np.asarray(idx, dtype=np.int64)
+
+
+def load_catalogue(lake: Lake, dataset: str, version: str) -> Catalogue:
+    """Read a dataset version's id maps and interactions into memory."""
+    ds = load_dataset(lake, dataset, version)
+    users = ds.users().column(USER_ID).to_pylist()
+    user_idx = ds.users().column("user_idx").to_numpy()
+    items_t = ds.items()
+    item_ids = [""] * ds.n_items
+    for idx, iid in zip(
+        items_t.column("item_idx").to_numpy(), items_t.column(ITEM_ID).to_pylist(), strict=True
+    ):
+        item_ids[int(idx)] = str(iid)
+    genres: list[list[str]] = [[] for _ in range(ds.n_items)]
+    if GENRES in items_t.column_names:
+        for idx, gs in zip(
+            items_t.column("item_idx").to_numpy(), items_t.column(GENRES).to_pylist(), strict=True
+        ):
+            genres[int(idx)] = list(gs or [])
+    history = ds.csr("train", "valid", "test").tocsr()
+    history.sort_indices()
+    counts = np.asarray(history.sum(axis=0), dtype=np.float32).ravel()
+    popular = np.lexsort((np.arange(len(counts)), -counts)).astype(np.int64)
+    return Catalogue(
+        dataset=ds.name,
+        version=ds.version,
+        user_index={str(u): int(i) for u, i in zip(users, user_idx, strict=True)},
+        item_ids=item_ids,
+        item_index={iid: i for i, iid in enumerate(item_ids)},
+        history=history,
+        popular=popular,
+        popularity=counts,
+        genres=genres,
+    )
+
+
+class EventLog:
+    """Durable append-only log of user events, tailed by every ingress replica."""
+
+    def __init__(self, lake: Lake, dataset: str, poll_s: float = 1.0) -> None:
+        self.lake = lake
+        self.rel = posixpath.join("events", dataset)
+        self.poll_s = poll_s
+        self._offsets: dict[str, int] = {}
+        self._items: dict[str, list[str]] = {}
+        self._seen_remote: set[str] = set()
+        self._last_poll = 0.0
+        self._lock = threading.Lock()
+        self.n_events = 0
+
+    def version(self, user_id: str) -> int:
+        """How many events of ``user_id`` the log holds (0 for none)."""
+        return len(self._items.get(user_id, ()))
+
+    def items(self, user_id: str) -> list[str]:
+        """External item ids of the user's logged events, oldest first."""
+        return self._items.get(user_id, [])
+
+    def append(self, events: list[dict[str, Any]]) -> None:
+        """Append events durably (fsync on disk; one PUT on S3), then apply them."""
+        blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in events).encode()
+        day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+        if self.lake.is_local:
+            folder = self.lake.path(self.rel)
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(
+                posixpath.join(folder, f"{day}.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            )
+            try:
+                # One write() with O_APPEND: concurrent replicas never interleave inside a batch.
+                os.write(fd, blob)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.jsonl"
+            self.lake.write_bytes(posixpath.join(self.rel, day, name), blob)
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        """Apply events other replicas (or this one) appended since the last call."""
+        with self._lock:
+            if self.lake.is_local:
+                self._tail_local()
+            elif force or time.monotonic() - self._last_poll >= self.poll_s:
+                self._last_poll = time.monotonic()
+                self._tail_remote()
+
+    def _apply(self, text: str) -> None:
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                e = json.loads(line)
+                user, item = str(e["user_id"]), str(e["item_id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a corrupt line never takes serving down
+            self._items.setdefault(user, []).append(item)
+            self.n_events += 1
+
+    def _tail_local(self) -> None:
+        try:
+            entries = list(os.scandir(self.lake.path(self.rel)))
+        except FileNotFoundError:
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not entry.name.endswith(".jsonl"):
+                continue
+            size = entry.stat().st_size
+            done = self._offsets.get(entry.name, 0)
+            if size <= done:
+                continue
+            with open(entry.path, "rb") as f:
+                f.seek(done)
+                data = f.read(size - done)
+            end = data.rfind(b"\n") + 1  # a line still being written waits for next time
+            if end:
+                self._apply(data[:end].decode("utf-8", errors="replace"))
+                self._offsets[entry.name] = done + end
+
+    def _tail_remote(self) -> None:
+        root = self.lake.path(self.rel)
+        if not self.lake.fs.exists(root):
+            return
+        self.lake.fs.invalidate_cache(root)
+        for path in sorted(self.lake.fs.find(root)):
+            if path.endswith(".jsonl") and path not in self._seen_remote:
+                with self.lake.fs.open(path, "rb") as f:
+                    self._apply(f.read().decode("utf-8", errors="replace"))
+                self._seen_remote.add(path)
+
+
+class ServingPointer:
+    """The served model version of one deployed application, shared by all its replicas."""
+
+    def __init__(self, lake: Lake, name: str, app_id: str, poll_s: float = 1.0) -> None:
+        self.lake = lake
+        self.rel = posixpath.join("serving", name, f"{app_id}.json")
+        self.poll_s = poll_s
+        self._stamp: tuple[int, int] | None = None
+        self._last_poll = 0.0
+        self._value: dict[str, Any] | None = None
+
+    def write(self, version: str, **info: Any) -> None:
+        """Point every replica at ``version`` (atomic write)."""
+        self.lake.write_json(self.rel, {"version": version, "time": time.time(), **info})
+        self._stamp = None
+
+    def read(self) -> str | None:
+        """The version the pointer names, or None before the first reload."""
+        if self.lake.is_local:
+            try:
+                st = os.stat(self.lake.path(self.rel))
+            except FileNotFoundError:
+                return None
+            stamp = (st.st_mtime_ns, st.st_ino)
+            if stamp != self._stamp:
+                self._value = self.lake.read_json(self.rel)
+                self._stamp = stamp
+        elif time.monotonic() - self._last_poll >= self.poll_s or self._stamp is None:
+            self._last_poll = time.monotonic()
+            self._value = self.lake.read_json(self.rel) if self.lake.exists(self.rel) else None
+            self._stamp = (0, 0)
+        return None if self._value is None else str(self._value["version"])

