@@ -117,14 +117,20 @@ class ModelArgs(_Args):
     """Model family."""
     version: str | None = None
     """Registry version or alias (``production``, ``staging``) to load, for evaluate/serve."""
-    embed_dim: int = Field(64, ge=1)
+    embed_dim: int = Field(128, ge=1)
     """Embedding size of MF and two-tower models."""
     loss: Literal["bpr", "softmax"] = "softmax"
     """Training loss: BPR with sampled negatives, or sampled softmax."""
     num_negatives: int = Field(256, ge=1)
     """Negatives per batch (softmax) or per positive (BPR)."""
-    l2: float = Field(0.0, ge=0.0)
+    l2: float = Field(1e-3, ge=0.0)
     """L2 penalty on the embeddings used in a batch."""
+    logq: bool = True
+    """Correct sampled-softmax logits by the log sampling probability (popularity bias)."""
+    use_bias: bool = False
+    """Learn a per-item bias in matrix factorisation."""
+    history_dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    """Two-tower: drop this share of a user's history items while training (regularises)."""
     temperature: float = Field(0.1, gt=0.0)
     """Softmax temperature."""
     ease_lambda: float = Field(500.0, gt=0.0)
@@ -142,11 +148,11 @@ class TrainArgs(_Args):
     """Logical CPUs per worker; keep below 1 on a 2-core machine so Ray Data can run."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) when the cluster has them."""
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(50, ge=1)
     """Training epochs."""
     batch_size: int = Field(1024, ge=1)
     """Interactions per batch per worker."""
-    lr: float = Field(0.01, gt=0.0)
+    lr: float = Field(0.005, gt=0.0)
     """Adam learning rate."""
     max_failures: int = Field(2, ge=0)
     """Worker-group restarts allowed; each resumes from the last checkpoint."""
@@ -154,6 +160,11 @@ class TrainArgs(_Args):
     """Compute validation NDCG@10 every N epochs."""
     refit: bool = False
     """Fit on train + validation (for the final model) instead of train only."""
+    refit_final: bool = True
+    """``jobs.train``: after validating a train-only fit, refit on train + validation with the
+    best epoch count and register that model (the DESIGN protocol); false registers the first."""
+    promote_to: Literal["none", "staging", "production"] = "staging"
+    """Alias to point at the newly registered model (production goes through the gate)."""
 
 
 class TuneArgs(_Args):

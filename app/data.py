@@ -240,6 +240,9 @@ def _as_binary(col: pa.ChunkedArray) -> pa.ChunkedArray:
         )
     if pa.types.is_dictionary(col.type):
         col = pc.cast(col, col.type.value_type)
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        # Arrow has no int → binary cast; via string it is ~50x faster than per-value Python.
+        col = pc.cast(col, pa.string())
     try:
         return pc.cast(col, pa.binary())
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
@@ -400,7 +403,7 @@ def _normalise(table: pa.Table, path: str, offset: int, src: dict[str, Any]) -> 
         flag(~known, f"unknown {src['event']} value")
         weight = weight * np.array([src["event_weights"].get(e, 0.0) for e in events])
 
-    ok = np.array([r is None for r in reasons], dtype=bool) if n else np.zeros(0, dtype=bool)
+    ok = np.equal(reasons, None).astype(bool) if n else np.zeros(0, dtype=bool)
     raw = np.full(n, None, dtype=object)
     if (~ok).any():
         bad_idx = np.flatnonzero(~ok)
@@ -581,7 +584,11 @@ def _read_normalised(src: RawSource, spec: dict[str, Any], counter: Any) -> Any:
     if src.format == "parquet":
         arrow_fs = Lake(src.paths[0]).arrow_fs
         stored = {filesystem_for(p)[1]: p for p in src.paths}
-        ds = ray.data.read_parquet(list(stored), filesystem=arrow_fs, include_paths=True)
+        # At least one block per file and per CPU, so that validation runs on every core.
+        n_blocks = max(len(stored), int(ray.cluster_resources().get("CPU", 1)))
+        ds = ray.data.read_parquet(
+            list(stored), filesystem=arrow_fs, include_paths=True, override_num_blocks=n_blocks
+        )
         return ds.map_batches(
             _parquet_normalise,
             fn_kwargs={"src": {**spec, "paths": stored}, "counter": counter},

@@ -407,3 +407,28 @@ def run(cfg: AppConfig, model_ref: str) -> dict[str, float]:
     stored["test_dataset_version"] = dataset.version
     update_metrics(lake, name, record.version, stored)
     return metrics
+
+
+def baselines(dataset: Any, k: int = 10, ease_lambda: float = 500.0) -> list[dict[str, Any]]:
+    """Popularity and EASE refit on train + validation and scored on test, for comparison tables.
+
+    EASE is skipped (with a note in the row) when the catalogue is too large for its dense
+    item-item matrix.
+    """
+    from app.config import ModelArgs
+    from app.model import build_model
+
+    history = dataset.csr("train", "valid")
+    target = dataset.csr("test")
+    rows: list[dict[str, Any]] = []
+    for args in (ModelArgs(name="popularity"), ModelArgs(name="ease", ease_lambda=ease_lambda)):
+        try:
+            model = build_model(args, dataset.n_users, dataset.n_items)
+        except ValueError as exc:
+            rows.append({"model": f"{args.name} (skipped: {exc})"})
+            continue
+        model.fit(history)  # type: ignore[attr-defined]
+        metrics = evaluate(lambda u, m=model: m.score(u, history[u]), history, target, k=k)
+        label = args.name if args.name != "ease" else f"ease (lambda {ease_lambda:g})"
+        rows.append({"model": f"{label} [baseline]", **metrics})
+    return rows

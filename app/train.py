@@ -313,3 +313,67 @@ def fit(
         wall_time_s=time.perf_counter() - t0,
         checkpoint_path=result.checkpoint.path,
     )
+
+
+def dataset_for(cfg: AppConfig) -> DatasetVersion:
+    """The config's latest dataset version, ingesting it first when there is none."""
+    from app import data
+    from app.dataset import list_datasets, load_dataset
+
+    if list_datasets(cfg.lake, cfg.data.name):
+        return load_dataset(cfg.lake, cfg.data.name, "latest")
+    log.info("no dataset %r in %s yet: ingesting it first", cfg.data.name, cfg.lake)
+    return data.run(cfg.data, cfg.lake, seed=cfg.seed)
+
+
+def run(cfg: AppConfig) -> Any:
+    """Train, validate, refit on train + validation (protocol) and register; returns the record.
+
+    Validation metrics (``valid_ndcg@10`` ...) come from the train-only fit at its best epoch;
+    the registered weights come from the refit with that many epochs when
+    ``train.refit_final`` is set.
+    """
+    from app import registry
+    from app.lake import Lake
+
+    ds = dataset_for(cfg)
+    first_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"refit": False})})
+    outcome = fit(first_cfg, ds)
+    best = outcome.best_metrics
+    valid = {k: v for k, v in best.items() if k.startswith("valid_")}
+    log.info("validation at best epoch %s: %s", best.get("epoch"), valid)
+    final, final_cfg, parent = outcome, first_cfg, None
+    if cfg.train.refit_final:
+        epochs = int(best.get("epoch") or cfg.train.epochs)
+        final_cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"refit": True, "epochs": epochs})}
+        )
+        parent = outcome.checkpoint_path
+        final = fit(final_cfg, ds)
+    lake = Lake(cfg.lake)
+    name = registry.registry_name(cfg)
+    metrics = {
+        **valid,
+        "best_epoch": best.get("epoch"),
+        "train_wall_s": round(outcome.wall_time_s + (final.wall_time_s if parent else 0), 2),
+        "fit_on": "train+valid" if final_cfg.train.refit else "train",
+    }
+    record = registry.register(
+        lake,
+        name,
+        final.model,
+        final_cfg,
+        ds,
+        metrics,
+        lineage_extra={
+            "run": final.checkpoint_path,
+            "parent_run": parent,
+            "history": outcome.history,
+        },
+    )
+    if cfg.train.promote_to != "none":
+        try:
+            registry.promote(lake, name, record.version, cfg.train.promote_to, reason="jobs.train")
+        except registry.PromotionRefused as exc:
+            log.warning("%s", exc)
+    return record

@@ -11,8 +11,9 @@ same run, the wall time and peak memory of
 - ``baseline``: the same steps (read, validate, dedupe, temporal split, id maps, encode, write)
   in one plain pyarrow/numpy process, run as a subprocess so that its peak RSS is its own.
 
-Both outputs are checked against each other (split sizes, id maps and an order-free checksum of
-every split), then ``bench/results/ingest.json`` is written and a table printed.
+Both outputs are checked against each other (row accounting, split sizes, user and item counts
+and an order-free checksum of every split), then ``bench/results/ingest.json`` is written and a
+table printed.
 """
 
 from __future__ import annotations

@@ -151,7 +151,14 @@ def child_serve(lake: str, cache: bool, mix: str, concurrency: int, duration: fl
 
     from app.serve import ServeAppArgs, build_application
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a busy shared machine sometimes misses Ray's startup deadline
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            time.sleep(5)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeAppArgs(lake=lake, name=NAME, model="production", cache_size=10_000 if cache else 0)

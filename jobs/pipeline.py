@@ -1,21 +1,31 @@
 """The whole ScaleRec pipeline on one Ray cluster (what `make run` runs).
 
 Run: python -m jobs.pipeline --config jobs/configs/synthetic.yaml
+
+Ingest → train (Ray Train) → register → evaluate on test → compare with baselines.
 """
 
 from __future__ import annotations
 
-from app import cluster, data
+from app import cluster, data, evaluate, train
 from app.config import config_from_cli
+from app.dataset import load_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Ingest, then every later stage that exists, printing a summary of each."""
+    """Run every stage in order, printing a summary of each."""
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
     ds = data.run(cfg.data, cfg.lake, seed=cfg.seed)
     print(data.summary_table(ds.manifest))
-    print(ds.lake.full_uri(ds.rel, "manifest.json"))
+    record = train.run(cfg)
+    print(f"registered {record.name} version {record.version}")
+    metrics = evaluate.run(cfg, record.version)
+    ds = load_dataset(cfg.lake, ds.name, ds.version)
+    rows = [{"model": f"{cfg.model.name} (ScaleRec, {record.version})", **metrics}]
+    rows += evaluate.baselines(ds)
+    print(f"\ntest metrics, full ranking over {ds.n_items:,} items ({ds.name} {ds.version}):")
+    print(evaluate.metrics_table(rows))
 
 
 if __name__ == "__main__":

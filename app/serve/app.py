@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.lake import Lake
 from app.registry import ModelRecord, RegistryError, get_record, resolve
+from app.serve import args as _replica
 from app.serve.args import ServeAppArgs
 from app.serve.cache import TTLCache
 from app.serve.metrics import ServeMetrics
@@ -126,8 +127,6 @@ api = FastAPI(
     description="Recommendations from the ScaleRec model registry, served by Ray Serve.",
     version="1.0",
 )
-_RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
-"""Per-replica settings the ASGI guard reads (set by ``Ingress.__init__``)."""
 
 
 def _endpoint(path: str) -> str:
@@ -147,7 +146,7 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = int(_RUNTIME["max_body_bytes"])
+        limit = int(_replica.RUNTIME["max_body_bytes"])
         start = time.perf_counter()
         status = {"code": 500}
 
@@ -172,7 +171,7 @@ class _Guard:
                 return message
 
             await self.app(scope, limited_receive, send_wrapper)
-        metrics: ServeMetrics | None = _RUNTIME["metrics"]
+        metrics: ServeMetrics | None = _replica.RUNTIME["metrics"]
         if metrics is not None:
             endpoint = _endpoint(scope.get("path", ""))
             tags = {"endpoint": endpoint}
@@ -229,7 +228,9 @@ class Ingress:
         env_token = os.environ.get(self.args.admin_token_env)
         self.token_sha256 = _hash(env_token) if env_token else token_sha256
         self.metrics = ServeMetrics("ingress")
-        _RUNTIME.update(max_body_bytes=self.args.max_body_bytes, metrics=self.metrics)
+        # Through the module object: Serve pickles this class by value, so a global of this
+        # module would be a copy here, not what the ASGI guard reads.
+        _replica.RUNTIME.update(max_body_bytes=self.args.max_body_bytes, metrics=self.metrics)
         self.cache: TTLCache[Any] = TTLCache(self.args.cache_size, self.args.cache_ttl_s)
         self._catalogues: dict[tuple[str, str], Catalogue] = {}
         self.pointer = ServingPointer(self.lake, self.args.name, app_id, self.args.pointer_poll_s)
@@ -280,12 +281,12 @@ class Ingress:
     # -- retrieval ------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, queries: list[RetrievalQuery]) -> list[Candidates]:
+    async def _batched(self, calls: list[tuple[RetrievalQuery, int]]) -> list[Candidates]:
         # One handle call per batch of HTTP requests: the proxy→ingress hop is per request, but
         # ingress→retriever(→ranker) is per batch.
-        response = self.retriever.retrieve.remote(queries)
+        response = self.retriever.retrieve.remote([q for q, _ in calls])
         if self.args.ranker_active:
-            response = self.ranker.rank.remote(response, [q.k for q in queries])
+            response = self.ranker.rank.remote(response, [k for _, k in calls])
         result: list[Candidates] = await response
         return result
 
@@ -339,7 +340,7 @@ class Ingress:
             if self.args.ranker_active:
                 n_fetch = min(cat.n_items, 3 * k + len(self.args.blocked_items))
             query = RetrievalQuery(state.version, user_idx, history, recent, excluded, n_fetch)
-            cand = await self._batched(query)
+            cand = await self._batched((query, k))
         answer = RecommendResponse(
             user_id=user_id,
             items=_items(cat, cand),

@@ -7,10 +7,15 @@ the single typed source for ``serve run``, ``serve deploy``, ``jobs.serve`` and 
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from app.config import AppConfig, ServeArgs
 from app.registry import registry_name
+
+RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
+"""Settings of the ingress replica in this process, read by its ASGI guard (body limit, metrics)."""
 
 
 class ServeAppArgs(ServeArgs):

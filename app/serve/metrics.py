@@ -23,38 +23,38 @@ class ServeMetrics:
             boundaries=LATENCY_BOUNDARIES_MS,
             tag_keys=("component", "endpoint"),
         )
-        self.latency_ms.set_default_tags(tags)
+        self.latency_ms.set_default_tags(dict(tags))
         self.requests = Counter(
             "scalerec_requests",
             description="Requests by endpoint and HTTP status.",
             tag_keys=("component", "endpoint", "status"),
         )
-        self.requests.set_default_tags(tags)
+        self.requests.set_default_tags(dict(tags))
         self.cache = Counter(
             "scalerec_cache_lookups",
             description="Answer cache lookups by result (hit / miss).",
             tag_keys=("component", "result"),
         )
-        self.cache.set_default_tags(tags)
+        self.cache.set_default_tags(dict(tags))
         self.batch_size = Histogram(
             "scalerec_batch_size",
             description="Queries scored per batch.",
             boundaries=BATCH_BOUNDARIES,
             tag_keys=("component",),
         )
-        self.batch_size.set_default_tags(tags)
+        self.batch_size.set_default_tags(dict(tags))
         self.model_version = Gauge(
             "scalerec_model_version_info",
             description="1 for the model version this replica serves (tag: version).",
             tag_keys=("component", "version"),
         )
-        self.model_version.set_default_tags(tags)
+        self.model_version.set_default_tags(dict(tags))
         self.events = Counter(
             "scalerec_events_appended",
             description="User events appended durably by POST /events.",
             tag_keys=("component",),
         )
-        self.events.set_default_tags(tags)
+        self.events.set_default_tags(dict(tags))
         self._version: str | None = None
 
     def set_version(self, version: str) -> None:

@@ -300,7 +300,6 @@ def test_similar(served: str) -> None:
 
 
 def test_events_reflected_and_cache_not_stale(served: str) -> None:
-    lake = None
     before = _get(served, "/recommend/u2", params={"k": 5}).json()
     _get(served, "/recommend/u2", params={"k": 5})  # now cached
     top = [x["item_id"] for x in before["items"]][:2]
@@ -315,7 +314,6 @@ def test_events_reflected_and_cache_not_stale(served: str) -> None:
     _post(served, "/events", json={"events": [{"user_id": "newcomer", "item_id": "i5"}]})
     fresh = _get(served, "/recommend/newcomer").json()
     assert fresh["strategy"] == "context" and "i5" not in [x["item_id"] for x in fresh["items"]]
-    del lake
 
 
 def test_events_are_durable(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
@@ -474,3 +472,29 @@ def test_autoscaling_up_and_down(served: str, lake_with_models: tuple[Lake, list
         time.sleep(1.0)
     assert replicas() == 1
     serve.delete("scalerec-auto")
+
+
+@pytest.mark.parametrize("path", ["serve_configs/local.yaml", "serve_configs/production.yaml"])
+def test_serve_configs_validate(path: str) -> None:
+    from app.serve.deploy import load_serve_config
+
+    run = load_serve_config(path, ["model=staging", "cache_size=0"])
+    assert run.args.model == "staging" and run.args.cache_size == 0
+    assert set(run.deployments) == {"Ingress", "Retriever", "Ranker"}
+    for name in ("Ingress", "Retriever"):
+        auto = run.deployments[name]["autoscaling_config"]
+        assert auto["min_replicas"] <= auto["max_replicas"]
+        assert run.deployments[name]["max_ongoing_requests"] > auto["target_ongoing_requests"]
+
+
+def test_typed_builder_from_import_path(lake_with_models: tuple[Lake, list[str]]) -> None:
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+
+    lake, _ = lake_with_models
+    builder = import_attr("app.serve:build_app")
+    app = call_user_app_builder_with_args_if_necessary(builder, {"lake": lake.uri, "name": NAME})
+    assert isinstance(app, Application)
+    with pytest.raises(Exception, match="max_k"):
+        call_user_app_builder_with_args_if_necessary(builder, {"lake": lake.uri, "max_k": 0})

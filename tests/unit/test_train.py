@@ -68,5 +68,8 @@ def test_resume_after_worker_failure(ray_cluster, tiny_dataset, tmp_path, monkey
     outcome = fit(_cfg(str(tmp_path / "lake"), max_failures=1), tiny_dataset)
     assert marker.exists()  # the run really died once
     _check(outcome, tiny_dataset, 8)
-    # Epochs 1-3 ran before the failure; 4-8 after one restart from the epoch-3 checkpoint.
-    assert [h["restarts"] for h in outcome.history] == [0] * 3 + [1] * 5
+    # One restart from a checkpoint taken before epoch 4 (the controller may not have registered
+    # epoch 3's report when the worker died, so the resume point is epoch 2 or 3), not from scratch.
+    restarts = [h["restarts"] for h in outcome.history]
+    assert restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)
+    assert 2 <= restarts.count(0) <= 3

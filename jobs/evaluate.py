@@ -1,0 +1,28 @@
+"""Evaluate a registered model on its dataset's test split (full ranking, DESIGN protocol).
+
+Examples::
+
+    python -m jobs.evaluate --config jobs/configs/ml-latest-small.yaml model=production
+    python -m jobs.evaluate --config jobs/configs/ml-latest-small.yaml model=20261128T1600-ab12cd34
+
+Writes the metrics into ``<lake>/models/<name>/<version>/metrics.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+from app import cluster, evaluate
+from app.config import config_from_cli
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the evaluation stage for ``model=<version|alias>`` (default: latest)."""
+    cfg = config_from_cli(__doc__ or "", argv)
+    cluster.connect(cfg.cluster)
+    ref = cfg.model.version or "latest"
+    metrics = evaluate.run(cfg, ref)
+    print(evaluate.metrics_table([{"model": f"{cfg.model.name} ({ref})", **metrics}]))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
