@@ -26,6 +26,7 @@ def connect(cluster: ClusterArgs) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             log.info("starting an embedded local Ray cluster (num_cpus=%s)", cluster.num_cpus)
-            ray.init(num_cpus=cluster.num_cpus, log_to_driver=True)
+            # address="local": never join another Ray instance running on this host.
+            ray.init(address="local", num_cpus=cluster.num_cpus, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cluster.progress_bars

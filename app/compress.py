@@ -101,7 +101,7 @@ _INT8_GEMM = _int8_gemm_available()
 
 
 class EmbeddingTable:
-    """An (items x dim) table stored in fp32, fp16 or row-wise int8, with top-K inner-product search.
+    """An (items x dim) table in fp32, fp16 or row-wise int8, with top-K inner-product search.
 
     Args:
         values: The stored values (fp32, float16 or int8).
@@ -168,9 +168,7 @@ class EmbeddingTable:
             u = torch.nn.functional.pad(u, (0, self._pad))
         if _INT8_GEMM and not exact:
             # Shortlisting only: bf16 activations are what the AVX2 int8 kernel is fast for.
-            s = torch.ops.aten._weight_int8pack_mm(
-                u.bfloat16(), q, self._scale_bf16[start:stop]
-            )
+            s = torch.ops.aten._weight_int8pack_mm(u.bfloat16(), q, self._scale_bf16[start:stop])
             return s.float()
         if _INT8_GEMM:
             return torch.ops.aten._weight_int8pack_mm(u, q, self.scale[start:stop])
@@ -326,7 +324,10 @@ class QuantizedRecommender(Recommender):
     def _set_state(self, compressed: dict[str, torch.Tensor]) -> None:
         self._state = compressed
         self.base = load_model(
-            self.base_family, self.n_users, self.n_items, self._base_hparams,
+            self.base_family,
+            self.n_users,
+            self.n_items,
+            self._base_hparams,
             _expand_state(compressed),
         )
         items = self.base.item_embeddings()

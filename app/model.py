@@ -145,6 +145,172 @@ class EASE(Recommender):
         return {"ease_lambda": self.ease_lambda, "ease_max_items": self.ease_max_items}
 
 
+def recency_weighted(
+    interactions: Any, n_users: int, n_items: int, tau: float | None
+) -> sp.csr_matrix:
+    """User × item CSR whose values weight each history item by how recent it is.
+
+    Per user, interactions are ordered by (timestamp, item index) as in the evaluation protocol;
+    the latest gets weight 1 and the one ``r`` positions before it ``exp(-r / tau)``. Repeats of a
+    (user, item) pair count once, at their first event. ``tau`` None or <= 0 gives a binary
+    matrix. Pass the result as ``history`` to ``Recommender.score``: ``EDLAE`` uses the values
+    as weights, the other families binarise them.
+
+    Args:
+        interactions: columns ``user_idx``, ``item_idx`` and ``timestamp`` (an Arrow table, a
+            dict of arrays or a DataFrame), e.g. ``DatasetVersion.read_table("train", "valid")``.
+        n_users: rows of the result.
+        n_items: columns of the result.
+        tau: decay length in interactions.
+    """
+    users = np.asarray(interactions["user_idx"], dtype=np.int64)
+    items = np.asarray(interactions["item_idx"], dtype=np.int64)
+    stamps = np.asarray(interactions["timestamp"], dtype=np.int64)
+    order = np.lexsort((items, stamps, users))
+    users, items = users[order], items[order]
+    # The first event of a (user, item) pair is the one that counts.
+    keys = users * n_items + items
+    _, first = np.unique(keys, return_index=True)
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[first] = True
+    users, items = users[keep], items[keep]
+    counts = np.bincount(users, minlength=n_users)
+    rank = np.cumsum(counts)[users] - 1 - np.arange(len(users))  # 0 = the user's latest
+    if tau is None or tau <= 0:
+        values = np.ones(len(users), dtype=np.float32)
+    else:
+        values = np.exp(-rank / float(tau)).astype(np.float32)
+    m = sp.csr_matrix((values, (users, items)), shape=(n_users, n_items), dtype=np.float32)
+    m.sort_indices()
+    return m
+
+
+def _weighted_rows(history: sp.csr_matrix, n_items: int) -> sp.csr_matrix:
+    """Like ``_rows`` but keeps the values (recency weights); duplicates are summed."""
+    h = sp.csr_matrix(history, dtype=np.float32)
+    if h.shape[1] > n_items:
+        h = h[:, :n_items]
+    elif h.shape[1] < n_items:
+        h = sp.csr_matrix((h.data, h.indices, h.indptr), shape=(h.shape[0], n_items))
+    return h
+
+
+def _spd_inverse(a: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix by Cholesky (about 3x cheaper than LU).
+
+    ``a`` is overwritten. Falls back to a general inverse if the factorisation fails.
+    """
+    from scipy.linalg import lapack
+
+    potrf, potri = (
+        (lapack.spotrf, lapack.spotri) if a.dtype == np.float32 else (lapack.dpotrf, lapack.dpotri)
+    )
+    c, info = potrf(a, lower=0, clean=0, overwrite_a=1)
+    if info != 0:
+        return np.linalg.inv(a)
+    p, info = potri(c, lower=0, overwrite_c=1)
+    if info != 0:
+        return np.linalg.inv(a)
+    # potri fills the upper triangle only.
+    lower = np.tril_indices_from(p, -1)
+    p[lower] = p.T[lower]
+    return p
+
+
+class EDLAE(Recommender):
+    """Emphasised denoising linear autoencoder (Steck 2020) scored on recency-weighted history.
+
+    ``P = (XᵀX + Λ)⁻¹`` with ``Λ = λI + p/(1-p)·diagMat(diag(XᵀX))``, the closed form of a
+    linear autoencoder trained with dropout ``p`` on its input, which stops it from learning the
+    identity. With ``zero_diagonal`` (EDLAE) ``B = I - P·diagMat(1/diag(P))``, else (DLAE)
+    ``B = I - PΛ``; ``p = 0`` with a zero diagonal is EASE. Only items with a training
+    interaction get rows and columns (the others would be all zero), which also shrinks the
+    solve. ``score = history @ B`` uses the history's values as weights, so a history from
+    ``recency_weighted(..., tau=recency_tau)`` emphasises each user's latest items; a binary
+    history gives plain EDLAE scores.
+    """
+
+    family = "edlae"
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        edlae_lambda: float = 200.0,
+        dropout: float = 0.25,
+        zero_diagonal: bool = True,
+        recency_tau: float = 0.0,
+        max_items: int = 40_000,
+    ) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"EDLAE dropout must be in [0, 1), got {dropout}")
+        if edlae_lambda <= 0:
+            raise ValueError(f"EDLAE lambda must be > 0, got {edlae_lambda}")
+        super().__init__(n_users, n_items)
+        self.edlae_lambda = float(edlae_lambda)
+        self.dropout = float(dropout)
+        self.zero_diagonal = bool(zero_diagonal)
+        self.recency_tau = float(recency_tau)
+        self.max_items = int(max_items)
+        self.items = np.zeros(0, dtype=np.int64)
+        self.weights = np.zeros((0, 0), dtype=np.float32)
+
+    def fit(self, train: sp.csr_matrix) -> EDLAE:
+        """Solve the closed form on the binary user-item matrix (float32 Cholesky)."""
+        x = _rows(train, self.n_items)
+        items = np.flatnonzero(np.diff(x.tocsc().indptr) > 0)
+        if len(items) > self.max_items:
+            need_gib = 2 * len(items) ** 2 * 4 / 2**30
+            raise ValueError(
+                f"EDLAE needs a dense {len(items):,} x {len(items):,} item-item matrix (about "
+                f"{need_gib:,.1f} GiB), above model.max_items={self.max_items:,}"
+            )
+        x = x[:, items]
+        gram = (x.T @ x).toarray().astype(np.float32)
+        counts = np.diag(gram).astype(np.float64)
+        reg = self.edlae_lambda + self.dropout / (1.0 - self.dropout) * counts
+        gram[np.diag_indices_from(gram)] += reg.astype(np.float32)
+        p = _spd_inverse(gram)
+        if self.zero_diagonal:
+            b = p / (-np.diag(p))[None, :]
+        else:
+            b = p * (-reg.astype(np.float32))[None, :]
+        np.fill_diagonal(b, 0.0)
+        self.items = items.astype(np.int64)
+        self.weights = np.ascontiguousarray(b, dtype=np.float32)
+        return self
+
+    def score(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:  # noqa: D102
+        h = _weighted_rows(history, self.n_items)
+        out = np.zeros((h.shape[0], self.n_items), dtype=np.float32)
+        if len(self.items):
+            out[:, self.items] = h[:, self.items] @ self.weights
+        return out
+
+    def history_weights(self, interactions: Any) -> sp.csr_matrix:
+        """The history this model was tuned for: ``recency_weighted`` with its ``recency_tau``."""
+        return recency_weighted(interactions, self.n_users, self.n_items, self.recency_tau)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:  # noqa: D102
+        return {
+            "items": torch.from_numpy(self.items.copy()),
+            "weights": torch.from_numpy(self.weights.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # noqa: D102
+        self.items = state["items"].numpy().astype(np.int64)
+        self.weights = state["weights"].numpy().astype(np.float32)
+
+    def hparams(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "edlae_lambda": self.edlae_lambda,
+            "dropout": self.dropout,
+            "zero_diagonal": self.zero_diagonal,
+            "recency_tau": self.recency_tau,
+            "max_items": self.max_items,
+        }
+
+
 # --------------------------------------------------------------------------------------------
 # Torch models
 # --------------------------------------------------------------------------------------------
@@ -548,7 +714,7 @@ class TwoTower(_TorchRecommender):
 
 
 MODELS: dict[str, type[Recommender]] = {
-    m.family: m for m in (Popularity, EASE, MatrixFactorization, TwoTower)
+    m.family: m for m in (Popularity, EASE, EDLAE, MatrixFactorization, TwoTower)
 }
 
 
@@ -573,6 +739,16 @@ def build_model(
         return Popularity(n_users, n_items)
     if name == "ease":
         return EASE(n_users, n_items, args.ease_lambda, args.ease_max_items)
+    if name == "edlae":
+        return EDLAE(
+            n_users,
+            n_items,
+            edlae_lambda=getattr(args, "edlae_lambda", 200.0),
+            dropout=getattr(args, "edlae_dropout", 0.25),
+            zero_diagonal=getattr(args, "edlae_zero_diagonal", True),
+            recency_tau=getattr(args, "recency_tau", 0.0),
+            max_items=getattr(args, "ease_max_items", 40_000),
+        )
     kw: dict[str, Any] = {
         "embed_dim": args.embed_dim,
         "loss": args.loss,

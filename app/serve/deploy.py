@@ -55,8 +55,12 @@ def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> S
         raise ConfigError(f"{p}: no applications")
     app = schema.applications[0]
     args = dict(app.args or {})
+    http = schema.http_options.model_dump(exclude_unset=True)
     for key, value in parse_overrides(overrides or []):
-        args[key.removeprefix("args.")] = value
+        key = key.removeprefix("args.")
+        args[key] = value
+        if key in ("host", "port"):  # where to listen: the override wins over http_options
+            http[key] = value
     try:
         app_args = ServeAppArgs.model_validate(args)
     except ValidationError as exc:
@@ -65,7 +69,6 @@ def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> S
         d.name: {k: v for k, v in d.model_dump(exclude_unset=True).items() if k != "name"}
         for d in app.deployments
     }
-    http = schema.http_options.model_dump(exclude_unset=True)
     return ServeRun(app.name, app.route_prefix or "/", app_args, deployments, http)
 
 

@@ -80,7 +80,7 @@ def _top_k_scores(
     n_rows, n_items = scores.shape
     for row, ex in enumerate(exclude):
         if len(ex):
-            scores[row, torch.from_numpy(np.asarray(ex, dtype=np.int64))] = float("-inf")
+            scores[row, torch.from_numpy(np.array(ex, dtype=np.int64))] = float("-inf")
     kk = min(k, n_items)
     vals, idx = torch.topk(scores, kk, dim=1, sorted=True)
     out_i = np.full((n_rows, k), -1, dtype=np.int64)

@@ -90,8 +90,12 @@ def test_search_matches_top_k_with_exclusions() -> None:
     for mode in MODES:
         table = EmbeddingTable.from_float(x, mode, block_rows=600)
         idx, scores = table.search(queries, 10, exclude)
-        expected = top_k(table.scores(queries), exclude, 10)
-        np.testing.assert_array_equal(idx, expected)
+        full = table.scores(queries)
+        expected = top_k(full, exclude, 10)
+        # Same lists up to float rounding between kernels (near-ties may swap).
+        assert _overlap(idx, expected) >= 0.99
+        expected_scores = np.take_along_axis(full, expected, axis=1)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-5)
         assert not exclude[np.repeat(np.arange(20), 10), idx.ravel()].any()
     # Fewer candidates than k: the tail is -1 / -inf.
     idx, scores = EmbeddingTable.from_float(x[:5], "int8").search(queries[:2], 10)
@@ -169,6 +173,4 @@ def test_quantized_ndcg_close_and_registry_round_trip(tiny_dataset, tmp_lake) ->
         record = register(tmp_lake, f"tiny-mf-{mode}", q, cfg, ds, {})
         assert record.lineage["family"] == "quantized"
         loaded, _ = load_model(tmp_lake, f"tiny-mf-{mode}", "latest", quantized_builder(mode))
-        np.testing.assert_array_equal(
-            loaded.score(all_users, train), q.score(all_users, train)
-        )
+        np.testing.assert_array_equal(loaded.score(all_users, train), q.score(all_users, train))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,11 +12,14 @@ from app.config import ModelArgs
 from app.evaluate import evaluate
 from app.model import (
     EASE,
+    EDLAE,
     MODELS,
     MatrixFactorization,
     Popularity,
     TwoTower,
     build_model,
+    load_model,
+    recency_weighted,
 )
 
 GENRES = [["a"], ["a", "b"], ["b"], [], ["c"], ["a", "c"]]
@@ -28,11 +32,18 @@ def _matrix(n_users: int = 7, n_items: int = 6, seed: int = 0) -> sp.csr_matrix:
     return sp.csr_matrix(x)
 
 
+def _args(name: str, **kw) -> object:
+    """``ModelArgs``, or a stand-in for families the config does not list yet."""
+    try:
+        return ModelArgs(name=name, embed_dim=8, num_negatives=4, **kw)
+    except ValueError:
+        return SimpleNamespace(name=name, embed_dim=8, num_negatives=4, ease_max_items=40_000, **kw)
+
+
 def _built(name: str, seed: int = 0, **kw) -> object:
-    args = ModelArgs(name=name, embed_dim=8, num_negatives=4, **kw)
-    model = build_model(args, 7, 6, item_genres=GENRES, seed=seed)
+    model = build_model(_args(name, **kw), 7, 6, item_genres=GENRES, seed=seed)
     x = _matrix()
-    if name in ("popularity", "ease"):
+    if name in ("popularity", "ease", "edlae"):
         model.fit(x)
     else:
         model.set_train(x)
@@ -84,9 +95,7 @@ def test_state_dict_round_trip_with_weights_only(name):
     torch.save(model.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    fresh = build_model(
-        ModelArgs(name=name, embed_dim=8, num_negatives=4), 7, 6, item_genres=GENRES, seed=99
-    )
+    fresh = build_model(_args(name), 7, 6, item_genres=GENRES, seed=99)
     fresh.load_state_dict(state)
     x = _matrix()
     users = np.arange(7)
@@ -193,3 +202,83 @@ def test_build_model_passes_hparams():
     hp = model.hparams()
     assert hp["embed_dim"] == 12 and hp["temperature"] == 0.3 and hp["seed"] == 3
     assert model.item_embeddings().shape == (5, 12)
+
+
+def _edlae_numpy(x: np.ndarray, lam: float, p: float, zero_diagonal: bool) -> np.ndarray:
+    """Steck (2020) closed forms, solved directly in float64 on the full matrix."""
+    g = x.T @ x
+    big_lambda = np.diag(lam + p / (1 - p) * np.diag(g))
+    if zero_diagonal:
+        inv = np.linalg.inv(g + big_lambda)
+        b = np.eye(len(g)) - inv / np.diag(inv)[None, :]
+    else:
+        b = np.linalg.solve(g + big_lambda, g)  # DLAE: (XᵀX + Λ)⁻¹XᵀX
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+@pytest.mark.parametrize("zero_diagonal", [True, False])
+def test_edlae_matches_numpy_closed_form(zero_diagonal):
+    x = _matrix(30, 8, seed=4).toarray()
+    x[:, 5] = 0.0  # an item without training interactions gets all-zero weights
+    model = EDLAE(30, 8, edlae_lambda=3.0, dropout=0.3, zero_diagonal=zero_diagonal)
+    model.fit(sp.csr_matrix(x))
+    expected = _edlae_numpy(x, 3.0, 0.3, zero_diagonal)
+    full = np.zeros((8, 8), dtype=np.float32)
+    full[np.ix_(model.items, model.items)] = model.weights
+    np.testing.assert_allclose(full, expected, atol=2e-5)
+    assert 5 not in model.items
+    scores = model.score(np.arange(30), sp.csr_matrix(x))
+    np.testing.assert_allclose(scores, x @ expected, atol=1e-4)
+
+
+def test_edlae_without_dropout_is_ease():
+    x = _matrix(20, 6, seed=3)
+    ease = EASE(20, 6, ease_lambda=2.0).fit(x)
+    edlae = EDLAE(20, 6, edlae_lambda=2.0, dropout=0.0).fit(x)
+    users = np.arange(20)
+    np.testing.assert_allclose(edlae.score(users, x), ease.score(users, x), atol=1e-4)
+
+
+def test_recency_weighted_orders_by_time_and_keeps_first_event():
+    table = {
+        "user_idx": np.array([0, 0, 0, 0, 1]),
+        "item_idx": np.array([2, 0, 1, 2, 3]),
+        "timestamp": np.array([10, 30, 30, 40, 5]),
+    }
+    m = recency_weighted(table, 2, 4, tau=1.0).toarray()
+    # User 0: item 2 first at t=10, then items 0 and 1 tie at t=30 (item order), the repeat of 2
+    # at t=40 collapses into its first event. Latest (item 1) weighs 1.
+    np.testing.assert_allclose(m[0], [np.exp(-1), 1.0, np.exp(-2), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(m[1], [0, 0, 0, 1.0])
+    assert (recency_weighted(table, 2, 4, tau=None).toarray() == (m > 0)).all()
+
+
+def test_recency_weighting_ranks_neighbours_of_the_latest_item_first():
+    # Items 0-1 and 2-3 are two co-consumption pairs. The user saw 0 long ago and 2 last.
+    x = np.zeros((40, 4), dtype=np.float32)
+    x[:20, [0, 1]] = 1.0
+    x[20:, [2, 3]] = 1.0
+    model = EDLAE(40, 4, edlae_lambda=1.0, dropout=0.2).fit(sp.csr_matrix(x))
+    table = {"user_idx": [0, 0], "item_idx": [0, 2], "timestamp": [1, 2]}
+    binary = model.score(np.array([0]), recency_weighted(table, 1, 4, tau=None))[0]
+    recent = model.score(np.array([0]), recency_weighted(table, 1, 4, tau=1.0))[0]
+    assert binary[1] == pytest.approx(binary[3], rel=1e-5)  # no order: a tie
+    assert recent[3] > recent[1] > 0  # the latest item's neighbour comes first
+    weighted = sp.csr_matrix(np.array([[np.exp(-1.0), 0, 1.0, 0]], dtype=np.float32))
+    np.testing.assert_allclose(
+        recent,
+        model.score(np.array([0]), weighted)[0],
+    )
+
+
+def test_edlae_load_model_round_trip_keeps_recency_tau():
+    model = EDLAE(7, 6, edlae_lambda=5.0, dropout=0.1, recency_tau=4.0).fit(_matrix())
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    again = load_model("edlae", 7, 6, model.hparams(), torch.load(buf, weights_only=True))
+    assert isinstance(again, EDLAE) and again.recency_tau == 4.0
+    np.testing.assert_array_equal(
+        again.score(np.arange(7), _matrix()), model.score(np.arange(7), _matrix())
+    )
