@@ -42,7 +42,10 @@ style: $(STAMP)
 	$(VENV)/bin/ruff check --fix app jobs tests bench
 
 bench: $(STAMP)
-	$(PY) -m bench.ingest
+	$(PIP) install -q -e ".[dev,bench]"
+	@for f in bench/[a-z]*.py; do \
+	  m=$$(basename $$f .py); echo "== bench.$$m"; $(PY) -m bench.$$m || exit 1; \
+	done
 
 clean:
 	rm -rf lake .pytest_cache .ruff_cache

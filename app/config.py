@@ -180,6 +180,14 @@ class TuneArgs(_Args):
     """ASHA: the longest a trial runs."""
     search_space: dict[str, Any] = Field(default_factory=dict)
     """Override the default search space: ``{"model.embed_dim": [32, 64, 128], ...}``."""
+    searcher: Literal["optuna", "random"] = "optuna"
+    """Optuna (TPE) through Ray Tune, or Tune's own random search."""
+    resume: bool = False
+    """Resume the experiment at ``<lake>/tune/<name>`` after a driver crash (Tuner.restore)."""
+    name: str | None = None
+    """Experiment folder name (default: the dataset name)."""
+    promote_to: Literal["none", "staging", "production"] = "staging"
+    """Alias to point at the refit best model."""
 
 
 class ServeArgs(_Args):

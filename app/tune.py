@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 METRIC = "valid_ndcg@10"
 TIME_ATTR = "epoch"
 """Per-epoch key of ``train_loop_per_worker``'s reports (survives Train worker restarts)."""
-CRASH_AFTER_ENV = "SCALEREC_TUNE_CRASH_AFTER"
-"""Fault-injection hook: the driver raises after this many trials have finished."""
 TRIAL_DRIVER_CPUS = 0.01
 """A trial's driver only waits on its Train run; the CPUs go to the Train workers."""
 
@@ -146,21 +144,6 @@ def _trial(config: dict[str, Any], base: dict[str, Any], dataset: list[str], run
         raise result.error
 
 
-def _crash_callback(after: int) -> Any:
-    from ray.tune import Callback
-
-    class _CrashAfter(Callback):
-        def __init__(self) -> None:
-            self.done = 0
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.done += 1
-            if self.done >= after:
-                raise RuntimeError(f"fault injection: driver crash after {self.done} trial(s)")
-
-    return _CrashAfter()
-
-
 def experiment_path(cfg: AppConfig) -> str:
     """Where the search lives: ``<lake>/tune/<tune.name or data.name>``."""
     name = getattr(cfg.tune, "name", None) or cfg.data.name
@@ -171,7 +154,9 @@ def _searcher(kind: str, cfg: AppConfig) -> Any:
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if kind == "random":
-        return BasicVariantGenerator(random_state=cfg.seed)
+        return BasicVariantGenerator(
+            random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent_trials
+        )
     if kind != "optuna":
         raise ConfigError(f"tune.searcher: expected 'optuna' or 'random', got {kind!r}")
     from ray.tune.search.optuna import OptunaSearch
@@ -341,10 +326,8 @@ def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None)
 
     resume = bool(getattr(cfg.tune, "resume", False)) if resume is None else resume
     searcher = searcher or getattr(cfg.tune, "searcher", None) or _default_searcher()
-    crash_after = int(os.environ.get(CRASH_AFTER_ENV) or 0)
-    callbacks = [_crash_callback(crash_after)] if crash_after else None
     t0 = time.perf_counter()
-    results = build_tuner(cfg, resume=resume, searcher=searcher, callbacks=callbacks).fit()
+    results = build_tuner(cfg, resume=resume, searcher=searcher).fit()
     search_s = time.perf_counter() - t0
     space_keys = list({**DEFAULT_SEARCH_SPACE, **cfg.tune.search_space})
     pairs = trial_rows(results, space_keys, cfg.tune.max_epochs)

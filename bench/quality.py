@@ -193,6 +193,7 @@ def _implicit_scorer(model: Any, spr: dict, stage: str) -> ScoreFn:
 def run_als(data: Splits, quick: bool) -> dict:
     """ALS from implicit (``AlternatingLeastSquares``, confidence ``1 + alpha·x``)."""
     from implicit.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
 
     grid = [
         {"factors": f, "regularization": r, "alpha": a, "iterations": 15}
@@ -206,7 +207,8 @@ def run_als(data: Splits, quick: bool) -> dict:
     def fit(fp: dict, stage: str) -> Any:
         params = {k: v for k, v in fp.items() if not k.startswith("_")}
         model = AlternatingLeastSquares(**params, random_state=0, num_threads=2)
-        model.fit(_fit_matrix(data, stage), show_progress=False)
+        with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, serial BLAS
+            model.fit(_fit_matrix(data, stage), show_progress=False)
         return model
 
     return tune("implicit ALS", True, data, fit, grid, _implicit_scorer)
