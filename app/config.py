@@ -215,6 +215,10 @@ class ServeArgs(_Args):
     """Compressed embedding variant to serve."""
     admin_token_env: str = "SCALEREC_ADMIN_TOKEN"
     """Environment variable holding the bearer token for /admin endpoints."""
+    config: str = "serve_configs/local.yaml"
+    """Serve config (deployments, autoscaling) the pipeline deploys with."""
+    after_pipeline: Literal["serve", "sample", "skip"] = "serve"
+    """``make run``'s last step: keep serving until Ctrl-C, exit after a sample answer, or skip."""
 
 
 class ClusterArgs(_Args):
