@@ -113,7 +113,7 @@ class DataArgs(_Args):
 class ModelArgs(_Args):
     """Which recommender to build and its hyperparameters."""
 
-    name: Literal["popularity", "ease", "mf", "two_tower"] = "mf"
+    name: Literal["popularity", "ease", "edlae", "mf", "two_tower"] = "mf"
     """Model family."""
     version: str | None = None
     """Registry version or alias (``production``, ``staging``) to load, for evaluate/serve."""
@@ -136,7 +136,15 @@ class ModelArgs(_Args):
     ease_lambda: float = Field(500.0, gt=0.0)
     """EASE ridge strength."""
     ease_max_items: int = Field(40_000, ge=1)
-    """Refuse EASE above this many items (the item-item matrix is dense)."""
+    """Refuse EASE/EDLAE above this many items (the item-item matrix is dense)."""
+    edlae_lambda: float = Field(500.0, gt=0.0)
+    """EDLAE ridge strength."""
+    edlae_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """EDLAE emphasised-denoising dropout rate p (0 = EASE's objective)."""
+    edlae_zero_diagonal: bool = True
+    """Constrain the item-item diagonal to zero (EDLAE) or not (DLAE)."""
+    recency_tau: float = Field(5.0, ge=0.0)
+    """EDLAE: weight a user's history items by exp(-rank_from_latest / tau); 0 = binary."""
 
 
 class TrainArgs(_Args):

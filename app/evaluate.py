@@ -396,7 +396,8 @@ def run(cfg: AppConfig, model_ref: str) -> dict[str, float]:
     model, record = load_model(lake, name, model_ref)
     ds_info = record.lineage["dataset"]
     dataset = load_dataset(lake, ds_info["name"], ds_info["version"])
-    history = dataset.csr("train", "valid")
+    # The model's own history (e.g. recency-weighted); its pattern is train + valid.
+    history = model.history(dataset, "train", "valid")
     target = dataset.csr("test")
     metrics = evaluate_ds(model, history, target)
     refit = bool(record.config.get("train", {}).get("refit", False))

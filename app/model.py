@@ -52,6 +52,15 @@ class Recommender(ABC):
         """Constructor arguments besides sizes (stored with the weights)."""
         return {}
 
+    def history(self, dataset: Any, *splits: str) -> sp.csr_matrix:
+        """The user × item history this model scores from (binary by default).
+
+        Models that weight history items (e.g. by recency) override it; the sparsity pattern is
+        always that of ``dataset.csr(*splits)``, so it also serves to exclude seen items.
+        """
+        matrix: sp.csr_matrix = dataset.csr(*splits)
+        return matrix
+
 
 # --------------------------------------------------------------------------------------------
 # Closed-form models
@@ -179,7 +188,9 @@ def recency_weighted(
     if tau is None or tau <= 0:
         values = np.ones(len(users), dtype=np.float32)
     else:
-        values = np.exp(-rank / float(tau)).astype(np.float32)
+        # Floored above zero: a weight that underflowed would drop the item from the history
+        # (and from the exclusion of seen items) once zeros are eliminated.
+        values = np.maximum(np.exp(-rank / float(tau)), 1e-30).astype(np.float32)
     m = sp.csr_matrix((values, (users, items)), shape=(n_users, n_items), dtype=np.float32)
     m.sort_indices()
     return m
@@ -290,6 +301,10 @@ class EDLAE(Recommender):
     def history_weights(self, interactions: Any) -> sp.csr_matrix:
         """The history this model was tuned for: ``recency_weighted`` with its ``recency_tau``."""
         return recency_weighted(interactions, self.n_users, self.n_items, self.recency_tau)
+
+    def history(self, dataset: Any, *splits: str) -> sp.csr_matrix:
+        """Recency-weighted history of the dataset's splits (see ``history_weights``)."""
+        return self.history_weights(dataset.read_table(*splits))
 
     def state_dict(self) -> dict[str, torch.Tensor]:  # noqa: D102
         return {

@@ -113,7 +113,7 @@ class _PredictBatch:
         lake = Lake(lake_uri)
         self.model, _ = load_model(lake, model_name, model_version)
         ds = load_dataset(lake, dataset[0], dataset[1])
-        self.history = ds.csr("train", "valid")
+        self.history = self.model.history(ds, "train", "valid")
         self.user_ids = np.asarray(ds.users().column(USER_ID).to_pylist(), dtype=object)
         self.item_ids = np.asarray(ds.items().column(ITEM_ID).to_pylist(), dtype=object)
         self.k = k

@@ -29,7 +29,7 @@ from app.model import Recommender, build_model
 
 log = logging.getLogger(__name__)
 
-CLOSED_FORM = ("popularity", "ease")
+CLOSED_FORM = ("popularity", "ease", "edlae")
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 VALID_METRIC = "valid_ndcg@10"
@@ -272,7 +272,8 @@ def _fit_closed_form(cfg: AppConfig, ds: DatasetVersion) -> TrainOutcome:
     model.fit(fit_csr)  # type: ignore[attr-defined]
     metrics: dict[str, Any] = {"epoch": 1, "loss": math.nan, "interactions_per_s": math.nan}
     if not cfg.train.refit:
-        metrics.update(_valid_metrics(model, fit_csr, ds.csr("valid")))
+        history = model.history(ds, *_fit_splits(cfg.train))
+        metrics.update(_valid_metrics(model, history, ds.csr("valid")))
     wall = time.perf_counter() - t0
     metrics["epoch_s"] = wall
     return TrainOutcome(model, [metrics], dict(metrics), dict(metrics), wall, None)
