@@ -215,10 +215,16 @@ class ServeArgs(_Args):
     """Answers kept in the LRU cache (0 disables it)."""
     cache_ttl_s: float = Field(60.0, gt=0.0)
     """Seconds a cached answer lives."""
-    max_batch_size: int = Field(16, ge=1)
+    max_batch_size: int = Field(32, ge=1)
     """Most requests scored in one batch."""
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0)
-    """Longest a request waits for its batch to fill."""
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0)
+    """Retriever: longest a batch waits for more calls (0: take what is queued, no added wait)."""
+    max_in_flight: int = Field(1, ge=1)
+    """Ingress: concurrent retriever calls per replica; requests arriving meanwhile are batched.
+
+    1 makes the largest batches (best on one machine); raise it to the number of retriever
+    replicas when the retriever autoscales.
+    """
     quantize: Literal["none", "fp16", "int8"] = "none"
     """Compressed embedding variant to serve."""
     admin_token_env: str = "SCALEREC_ADMIN_TOKEN"

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -29,6 +30,7 @@ from app.registry import ModelRecord, RegistryError, get_record, resolve
 from app.serve import args as _replica
 from app.serve.args import ServeAppArgs
 from app.serve.cache import TTLCache
+from app.serve.coalesce import Coalescer
 from app.serve.http import (
     BodyLimitAndMetrics,
     EventsRequest,
@@ -77,6 +79,15 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _json(answer: BaseModel) -> Response:
+    """The answer as JSON, serialised once by pydantic.
+
+    The endpoint's ``response_model`` stays in the OpenAPI schema; returning a ``Response``
+    skips FastAPI's re-validation of a model this code has just built.
+    """
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
 def _items(cat: Catalogue, cand: Candidates) -> list[ItemScore]:
     return [
         ItemScore(item_id=cat.item_ids[int(i)], score=float(s))
@@ -115,8 +126,9 @@ class Ingress:
         self.events = EventLog(self.lake, self.state.catalogue.dataset, self.args.pointer_poll_s)
         self.events.refresh(force=True)
         self._switching: asyncio.Task[None] | None = None
-        self._batched.set_max_batch_size(self.args.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._batched: Coalescer[tuple[RetrievalQuery, int], Candidates] = Coalescer(
+            self._retrieve, self.args.max_batch_size, self.args.max_in_flight
+        )
         self.metrics.set_version(self.state.version)
 
     # -- state ----------------------------------------------------------------------------
@@ -157,10 +169,9 @@ class Ingress:
 
     # -- retrieval ------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, calls: list[tuple[RetrievalQuery, int]]) -> list[Candidates]:
-        # One handle call per batch of HTTP requests: the proxy→ingress hop is per request, but
-        # ingress→retriever(→ranker) is per batch.
+    async def _retrieve(self, calls: list[tuple[RetrievalQuery, int]]) -> list[Candidates]:
+        # One handle call per batch of HTTP requests (see ``Coalescer``): the proxy→ingress hop
+        # is per request, but ingress→retriever(→ranker) is per batch.
         response = self.retriever.retrieve.remote([q for q, _ in calls])
         if self.args.ranker_active:
             response = self.ranker.rank.remote(response, [k for _, k in calls])
@@ -204,10 +215,14 @@ class Ingress:
 
         user_idx = cat.user_index.get(user_id, -1) if user_id else -1
         stored = cat.known_items(user_idx)
-        live = cat.to_index(self.events.items(user_id)) if user_id else stored[:0]
-        recent = np.setdiff1d(live, stored)
-        history = np.union1d(np.union1d(stored, recent), cat.to_index(context))
-        excluded = np.union1d(cat.to_index(exclude), stored[:0] if include_seen else history)
+        live_ids = self.events.items(user_id) if user_id else []
+        if not live_ids and not context and not exclude:  # the common case: no set algebra
+            recent, history = stored[:0], stored
+            excluded = stored[:0] if include_seen else stored
+        else:
+            recent = np.setdiff1d(cat.to_index(live_ids), stored)
+            history = np.union1d(np.union1d(stored, recent), cat.to_index(context))
+            excluded = np.union1d(cat.to_index(exclude), stored[:0] if include_seen else history)
         if not len(history):
             strategy = "popularity"
             cand = self._popular(state, excluded, k)
@@ -240,19 +255,21 @@ class Ingress:
     @api.get("/recommend/{user_id}", response_model=RecommendResponse)
     async def recommend_get(
         self, user_id: str, k: int | None = Query(None, description="List length.")
-    ) -> RecommendResponse:
+    ) -> Response:
         """Top-k items for a user; unknown users get popular items."""
-        return await self._recommend(user_id, k, [], [], False)
+        return _json(await self._recommend(user_id, k, [], [], False))
 
     @api.post("/recommend", response_model=RecommendResponse)
-    async def recommend_post(self, body: RecommendRequest) -> RecommendResponse:
+    async def recommend_post(self, body: RecommendRequest) -> Response:
         """Top-k items for a user or an anonymous context, with optional exclusions."""
-        return await self._recommend(
-            body.user_id, body.k, body.context, body.exclude, body.include_seen
+        return _json(
+            await self._recommend(
+                body.user_id, body.k, body.context, body.exclude, body.include_seen
+            )
         )
 
     @api.get("/similar/{item_id}", response_model=SimilarResponse)
-    async def similar(self, item_id: str, k: int | None = Query(None)) -> SimilarResponse:
+    async def similar(self, item_id: str, k: int | None = Query(None)) -> Response:
         """Items most similar to ``item_id``."""
         state = self._sync()
         k = self._check_k(k)
@@ -262,7 +279,7 @@ class Ingress:
         key = ("sim", state.version, item_id, k)
         hit = self.cache.get(key)
         if hit is not None:
-            return hit.model_copy(update={"cached": True})
+            return _json(hit.model_copy(update={"cached": True}))
         cand: Candidates = await self.retriever.similar.remote(state.version, idx, k)
         answer = SimilarResponse(
             item_id=item_id,
@@ -271,7 +288,7 @@ class Ingress:
             cached=False,
         )
         self.cache.put(key, answer)
-        return answer
+        return _json(answer)
 
     @api.post("/events", status_code=202, response_model=EventsResponse)
     async def post_events(self, body: EventsRequest) -> EventsResponse:
@@ -358,7 +375,12 @@ def build_application(
     token = os.environ.get(args.admin_token_env)
     opts = deployments or {}
     retriever = Retriever.options(**opts.get("Retriever", {})).bind(
-        args.lake, args.name, version, args.max_batch_size, args.batch_wait_timeout_s
+        args.lake,
+        args.name,
+        version,
+        args.max_batch_size,
+        args.batch_wait_timeout_s,
+        args.quantize,
     )
     ranker = Ranker.options(**opts.get("Ranker", {})).bind(
         args.lake, args.name, args.max_per_genre, list(args.blocked_items)

@@ -19,6 +19,8 @@ import scipy.sparse as sp
 import torch
 from ray import serve
 
+from app.compress import EmbeddingTable
+from app.compress import quantize as compress_model
 from app.lake import Lake
 from app.model import Recommender
 from app.registry import ModelRecord, load_model
@@ -59,18 +61,22 @@ def top_k_dot(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of ``users @ itemsᵀ`` per row, excluded items removed.
 
+    The product goes through numpy's BLAS: for a ``(B, 64) @ (64, 100k)`` product on one thread
+    it measured 1.2-1.5x faster than ``torch.matmul`` on the same arrays (2.4 vs 2.9 ms at B=1,
+    10 vs 15 ms at B=32); ``torch.topk`` then selects in place.
+
     Args:
         users: ``(B, d)`` user vectors.
-        items: ``(N, d)`` item vectors (a float32 tensor avoids a copy per call).
+        items: ``(N, d)`` float32 item vectors (C-contiguous avoids a copy per call).
         exclude: per row, item indices that must not be returned.
         k: list length (rows with fewer candidates are padded with ``-1`` / ``-inf``).
 
     Returns:
         ``(B, k)`` item indices and ``(B, k)`` scores, best first.
     """
-    v = items if isinstance(items, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(items))
-    u = torch.from_numpy(np.ascontiguousarray(users, dtype=np.float32))
-    scores = u @ v.T
+    v = items.numpy() if isinstance(items, torch.Tensor) else items
+    u = np.ascontiguousarray(users, dtype=v.dtype)
+    scores = torch.from_numpy(u @ v.T)
     return _top_k_scores(scores, exclude, k)
 
 
@@ -100,15 +106,27 @@ def _csr(rows: list[np.ndarray], n_items: int) -> sp.csr_matrix:
 
 
 class LoadedModel:
-    """A registry version ready to score: the model plus its item vectors as a tensor."""
+    """A registry version ready to score: the model plus its item vectors.
 
-    def __init__(self, model: Recommender, record: ModelRecord) -> None:
+    Args:
+        model: The fitted model from the registry.
+        record: Its registry record.
+        quantize: ``none`` scores with the fp32 item table (``top_k_dot``); ``fp16`` / ``int8``
+            serve the compressed variant (``app.compress``): its table's ``search``.
+    """
+
+    def __init__(self, model: Recommender, record: ModelRecord, quantize: str = "none") -> None:
+        emb = model.item_embeddings()
+        if quantize != "none" and emb is not None:
+            model = compress_model(model, quantize)
         self.model = model
         self.record = record
         self.version = record.version
+        self.family = str(getattr(model, "base_family", model.family))
+        self.table: EmbeddingTable | None = getattr(model, "table", None)
         emb = model.item_embeddings()
-        self.items: torch.Tensor | None = (
-            None if emb is None else torch.from_numpy(np.ascontiguousarray(emb, np.float32))
+        self.items: np.ndarray | None = (
+            None if emb is None else np.ascontiguousarray(emb, np.float32)
         )
         self._normed: torch.Tensor | None = None
 
@@ -123,9 +141,12 @@ class LoadedModel:
             idx, vals = _top_k_scores(scores, [q.exclude for q in queries], k)
         else:
             u = np.array(m.user_embeddings(users, history), dtype=np.float32)
-            if m.family == "mf":
+            if self.family == "mf":
                 u = self._fold_in_recent(u, users, queries)
-            idx, vals = top_k_dot(u, self.items, [q.exclude for q in queries], k)
+            if self.table is not None:
+                idx, vals = self.table.search(u, k, _csr([q.exclude for q in queries], m.n_items))
+            else:
+                idx, vals = top_k_dot(u, self.items, [q.exclude for q in queries], k)
         out = []
         for row, q in enumerate(queries):
             keep = idx[row, : q.k] >= 0
@@ -160,7 +181,7 @@ class LoadedModel:
             )
         else:
             if self._normed is None:
-                self._normed = torch.nn.functional.normalize(self.items, dim=1)
+                self._normed = torch.nn.functional.normalize(torch.from_numpy(self.items), dim=1)
             scores = (self._normed @ self._normed[item_idx])[None, :].clone()
         idx, vals = _top_k_scores(scores, [np.array([item_idx])], k)
         keep = idx[0] >= 0
@@ -172,10 +193,17 @@ class Retriever:
     """Exact top-K retrieval over the whole catalogue for a batch of users."""
 
     def __init__(
-        self, lake: str, name: str, version: str, max_batch_size: int, batch_wait_timeout_s: float
+        self,
+        lake: str,
+        name: str,
+        version: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        quantize: str = "none",
     ) -> None:
         self.lake = Lake(lake)
         self.name = name
+        self.quantize = quantize
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._load_sync(version)
@@ -187,7 +215,7 @@ class Retriever:
 
     def _load_sync(self, version: str) -> LoadedModel:
         model, record = load_model(self.lake, self.name, version)
-        loaded = LoadedModel(model, record)
+        loaded = LoadedModel(model, record, self.quantize)
         self.models[record.version] = loaded
         while len(self.models) > KEEP_VERSIONS:
             self.models.popitem(last=False)

@@ -1,0 +1,97 @@
+"""Natural batching: batches grow with load, no wait when idle, errors reach every caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.serve.coalesce import Coalescer
+
+
+class Recorder:
+    """A batch function that doubles its inputs and records batches and concurrency."""
+
+    def __init__(self, delay_s: float = 0.01, fail_on: int | None = None) -> None:
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.batches: list[list[int]] = []
+        self.running = 0
+        self.max_running = 0
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.fail_on is not None and self.fail_on in items:
+                raise ValueError(f"bad item {self.fail_on}")
+            return [2 * x for x in items]
+        finally:
+            self.running -= 1
+
+
+def test_single_call_goes_out_alone_and_at_once() -> None:
+    fn = Recorder(delay_s=0.0)
+
+    async def main() -> int:
+        c: Coalescer[int, int] = Coalescer(fn, max_batch=8)
+        return await c(21)
+
+    assert asyncio.run(main()) == 42
+    assert fn.batches == [[21]]
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_concurrent_calls_are_batched_and_bounded(in_flight: int) -> None:
+    fn = Recorder()
+
+    async def main() -> list[int]:
+        c: Coalescer[int, int] = Coalescer(fn, max_batch=5, max_in_flight=in_flight)
+        out = await asyncio.gather(*(c(i) for i in range(20)))
+        assert c.items == 20 and c.calls == len(fn.batches)
+        return list(out)
+
+    assert asyncio.run(main()) == [2 * i for i in range(20)]
+    # The first `in_flight` calls leave at once; the rest wait and go out in full batches.
+    assert [len(b) for b in fn.batches[:in_flight]] == [1] * in_flight
+    assert all(len(b) <= 5 for b in fn.batches)
+    assert len(fn.batches) < 20
+    assert fn.max_running == in_flight
+    assert sorted(x for b in fn.batches for x in b) == list(range(20))
+
+
+def test_error_reaches_every_caller_of_the_batch_and_later_calls_work() -> None:
+    fn = Recorder(fail_on=3)
+
+    async def main() -> tuple[list[object], int]:
+        c: Coalescer[int, int] = Coalescer(fn, max_batch=8, max_in_flight=1)
+        first = await asyncio.gather(*(c(i) for i in range(6)), return_exceptions=True)
+        return list(first), await c(10)
+
+    first, later = asyncio.run(main())
+    failed_batch = next(b for b in fn.batches if 3 in b)
+    for i, res in enumerate(first):
+        if i in failed_batch:
+            assert isinstance(res, ValueError) and "bad item 3" in str(res)
+        else:
+            assert res == 2 * i
+    assert later == 20
+
+
+def test_wrong_result_length_is_an_error_not_a_hang() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    async def main() -> None:
+        c: Coalescer[int, int] = Coalescer(short, max_batch=4)
+        await asyncio.wait_for(c(1), timeout=5)
+
+    with pytest.raises(RuntimeError, match="returned 0 for 1"):
+        asyncio.run(main())
+
+
+def test_bad_limits_are_rejected() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        Coalescer(Recorder(), max_batch=0)

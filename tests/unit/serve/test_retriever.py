@@ -1,0 +1,69 @@
+"""Retriever scoring: exact top-K over fp32 embeddings and the compressed variants it serves."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.config import ModelArgs
+from app.model import build_model
+from app.serve.retriever import LoadedModel, Query, top_k_dot
+
+
+def _record(version: str = "v1") -> Any:
+    return SimpleNamespace(version=version)
+
+
+def test_top_k_dot_matches_brute_force_and_excludes() -> None:
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(3, 8)).astype(np.float32)
+    items = rng.normal(size=(50, 8)).astype(np.float32)
+    exclude = [np.array([0, 1, 2]), np.zeros(0, np.int64), np.arange(48)]
+    idx, vals = top_k_dot(users, items, exclude, k=5)
+    scores = users @ items.T
+    for row, ex in enumerate(exclude):
+        s = scores[row].copy()
+        s[ex] = -np.inf
+        want = np.argsort(-s, kind="stable")[:5]
+        want = want[np.isfinite(s[want])]
+        assert idx[row, : len(want)].tolist() == want.tolist()
+        np.testing.assert_allclose(vals[row, : len(want)], s[want], rtol=1e-5)
+    # Only 2 candidates are left for the last user: the rest of the list is padding.
+    assert idx[2, 2:].tolist() == [-1, -1, -1] and np.isneginf(vals[2, 2:]).all()
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8"])
+def test_compressed_variant_serves_nearly_the_same_lists(mode: str) -> None:
+    model = build_model(ModelArgs(name="mf", embed_dim=32), n_users=40, n_items=2000, seed=0)
+    full = LoadedModel(model, _record())
+    small = LoadedModel(model, _record(), quantize=mode)
+    assert small.table is not None and small.family == "mf"
+    rng = np.random.default_rng(1)
+    queries = [
+        Query(
+            "v1",
+            u,
+            np.sort(rng.choice(2000, 5, replace=False)),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            10,
+        )
+        for u in range(40)
+    ]
+    for q in queries:
+        q.exclude = q.history
+    a = full.score(queries)
+    b = small.score(queries)
+    overlap = np.mean([len(set(x.items) & set(y.items)) / 10 for x, y in zip(a, b, strict=True)])
+    assert overlap >= 0.9, overlap
+    for q, cand in zip(queries, b, strict=True):
+        assert not set(cand.items.tolist()) & set(q.exclude.tolist())
+
+
+def test_unknown_quantize_mode_is_an_error() -> None:
+    model = build_model(ModelArgs(name="mf", embed_dim=8), n_users=4, n_items=20, seed=0)
+    with pytest.raises(Exception, match="quantize mode"):
+        LoadedModel(model, _record(), quantize="int4")
