@@ -7,13 +7,18 @@ Layout of ``<lake>/datasets/<name>/<version>/`` (written by ``app.data.run``):
 - ``users.parquet``: ``user_idx``, ``user_id`` (raw id as a string)
 - ``items.parquet``: ``item_idx``, ``item_id`` (raw id as a string), ``genres`` (list of strings)
 - ``manifest.json``: counts, schema, splits, source, config; written last (publishes the version)
+
+``write_dataset`` publishes a version in this layout from in-memory splits (synthetic data for
+tests and benchmarks).
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from app.lake import MANIFEST, Lake
+from app.lake import MANIFEST, Lake, utc_now
 
 if TYPE_CHECKING:
     import ray.data
@@ -139,6 +144,107 @@ def load_dataset(lake: Lake | str, name: str, version: str = "latest") -> Datase
     resolved = lake.resolve_version(root, version)
     manifest = lake.read_json(posixpath.join(root, resolved, MANIFEST))
     return DatasetVersion(lake=lake, name=name, version=resolved, manifest=manifest)
+
+
+Interactions: TypeAlias = pa.Table | Mapping[str, Any] | sp.spmatrix | sp.sparray
+"""One split's interactions: a table or column mapping with ``user_idx`` and ``item_idx`` (and
+optionally ``timestamp``, default 0, and ``weight``, default 1), or a user × item sparse matrix
+(its values are the weights)."""
+
+
+def _interaction_table(rows: Interactions, n_users: int, n_items: int, split: str) -> pa.Table:
+    """``rows`` as a table of ``INTERACTION_SCHEMA``; indices checked against the id maps."""
+    if sp.issparse(rows):
+        coo = rows.tocoo()
+        rows = {USER_IDX: coo.row, ITEM_IDX: coo.col, WEIGHT: coo.data}
+    elif isinstance(rows, pa.Table):
+        rows = {col: rows.column(col) for col in rows.column_names}
+    columns = {name: rows[name] for name in INTERACTION_SCHEMA.names if name in rows}
+    n = len(columns[USER_IDX])
+    columns.setdefault(TIMESTAMP, np.zeros(n, np.int64))
+    columns.setdefault(WEIGHT, np.ones(n, np.float32))
+    table = pa.table(columns).select(INTERACTION_SCHEMA.names).cast(INTERACTION_SCHEMA)
+    for col, bound in ((USER_IDX, n_users), (ITEM_IDX, n_items)):
+        idx = table.column(col).to_numpy()
+        if len(idx) and (idx.min() < 0 or idx.max() >= bound):
+            raise ValueError(f"split {split!r}: {col} outside [0, {bound})")
+    return table
+
+
+def write_dataset(
+    lake: Lake | str,
+    name: str,
+    version: str,
+    splits: Mapping[str, Interactions],
+    user_ids: Sequence[str],
+    item_ids: Sequence[str],
+    genres: Sequence[Sequence[str]] | None = None,
+    **manifest_extra: Any,
+) -> DatasetVersion:
+    """Publish a dataset version from in-memory splits (synthetic data for tests and benchmarks).
+
+    Writes the layout ``app.data.run`` produces and publishes it atomically through
+    ``Lake.staging``, manifest last.
+
+    Args:
+        lake: The lake (or its URI) to write to.
+        name: Dataset name.
+        version: Version id (a folder under ``datasets/<name>/``).
+        splits: Interactions per split name (``train``, ``valid``, ``test``); a missing split is
+            written empty.
+        user_ids: Raw id of each ``user_idx``, in index order (their number is ``n_users``).
+        item_ids: Raw id of each ``item_idx``, in index order (their number is ``n_items``).
+        genres: Genres of each ``item_idx`` (default: none for every item).
+        **manifest_extra: Extra manifest keys, e.g. ``source={"kind": "synthetic"}``.
+
+    Returns:
+        The published version, as ``load_dataset`` opens it.
+    """
+    lake = Lake(lake) if isinstance(lake, str) else lake
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+    n_users, n_items = len(user_ids), len(item_ids)
+    if genres is not None and len(genres) != n_items:
+        raise ValueError(f"genres: {len(genres)} entries for {n_items} items")
+    tables = {
+        s: _interaction_table(splits[s], n_users, n_items, s)
+        if s in splits
+        else INTERACTION_SCHEMA.empty_table()
+        for s in SPLITS
+    }
+    users = pa.table({USER_IDX: np.arange(n_users, dtype=np.int32), USER_ID: list(user_ids)})
+    items = pa.table(
+        {
+            ITEM_IDX: np.arange(n_items, dtype=np.int32),
+            ITEM_ID: list(item_ids),
+            GENRES: pa.array(
+                [list(g) for g in genres] if genres is not None else [[]] * n_items,
+                type=pa.list_(pa.string()),
+            ),
+        }
+    )
+    counts = {s: t.num_rows for s, t in tables.items()}
+    manifest = {
+        "name": name,
+        "version": version,
+        "created_at": utc_now(),
+        "n_users": n_users,
+        "n_items": n_items,
+        "n_interactions": sum(counts.values()),
+        "splits": counts,
+        **manifest_extra,
+    }
+    arrow_fs = lake.arrow_fs
+    with lake.staging(posixpath.join(datasets_root(name), version)) as out:
+        for split, table in tables.items():
+            lake.fs.makedirs(posixpath.join(out, split), exist_ok=True)
+            pq.write_table(table, posixpath.join(out, split, "part-0.parquet"), filesystem=arrow_fs)
+        pq.write_table(users, posixpath.join(out, "users.parquet"), filesystem=arrow_fs)
+        pq.write_table(items, posixpath.join(out, "items.parquet"), filesystem=arrow_fs)
+        with arrow_fs.open_output_stream(posixpath.join(out, MANIFEST)) as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    return load_dataset(lake, name, version)
 
 
 def list_datasets(lake: Lake | str, name: str) -> list[str]:

@@ -19,22 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app import predict
 from app.config import AppConfig, ClusterArgs, DataArgs, ModelArgs
-from app.dataset import (
-    GENRES,
-    INTERACTION_SCHEMA,
-    ITEM_ID,
-    ITEM_IDX,
-    USER_ID,
-    USER_IDX,
-    datasets_root,
-    load_dataset,
-)
-from app.lake import MANIFEST, Lake, utc_now
+from app.dataset import ITEM_ID, ITEM_IDX, USER_ID, USER_IDX, load_dataset, write_dataset
+from app.lake import Lake
 from app.model import build_model
 from app.registry import load_model, register, registry_name
 
@@ -43,45 +33,21 @@ PER_USER = {"train": 3, "valid": 1, "test": 1}
 
 
 def _write_dataset(lake: Lake, n_users: int, n_items: int) -> None:
+    """``PER_USER`` random items per user and split; raw ids ``u<idx>`` and ``i<idx>``."""
     rng = np.random.default_rng(0)
-    rel = posixpath.join(datasets_root("bench"), "v-bench")
-    with lake.staging(rel) as stage:
-        for split, per in PER_USER.items():
-            users = np.repeat(np.arange(n_users, dtype=np.int32), per)
-            items = rng.integers(n_items, size=len(users)).astype(np.int32)
-            os.makedirs(posixpath.join(stage, split))
-            table = pa.table(
-                [users, items, np.zeros(len(users), np.int64), np.ones(len(users), np.float32)],
-                schema=INTERACTION_SCHEMA,
-            )
-            pq.write_table(table, posixpath.join(stage, split, "part-0.parquet"))
-        pq.write_table(
-            pa.table(
-                {
-                    USER_IDX: np.arange(n_users, dtype=np.int32),
-                    USER_ID: [f"u{u}" for u in range(n_users)],
-                }
-            ),
-            posixpath.join(stage, "users.parquet"),
-        )
-        pq.write_table(
-            pa.table(
-                {
-                    ITEM_IDX: np.arange(n_items, dtype=np.int32),
-                    ITEM_ID: [f"i{i}" for i in range(n_items)],
-                    GENRES: pa.array([[] for _ in range(n_items)], pa.list_(pa.string())),
-                }
-            ),
-            posixpath.join(stage, "items.parquet"),
-        )
-        manifest = {
-            "name": "bench",
-            "version": "v-bench",
-            "created_at": utc_now(),
-            "n_users": n_users,
-            "n_items": n_items,
-        }
-        lake.fs.pipe_file(posixpath.join(stage, MANIFEST), json.dumps(manifest).encode())
+    splits = {}
+    for split, per in PER_USER.items():
+        users = np.repeat(np.arange(n_users, dtype=np.int32), per)
+        splits[split] = {USER_IDX: users, ITEM_IDX: rng.integers(n_items, size=len(users))}
+    write_dataset(
+        lake,
+        "bench",
+        "v-bench",
+        splits,
+        user_ids=[f"u{u}" for u in range(n_users)],
+        item_ids=[f"i{i}" for i in range(n_items)],
+        source={"kind": "bench.batch_predict"},
+    )
 
 
 def _single_process(lake: Lake, cfg: AppConfig, out_dir: str, batch: int) -> int:

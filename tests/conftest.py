@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import math
 import os
-import posixpath
 import tempfile
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from app.dataset import (
-    GENRES,
-    INTERACTION_SCHEMA,
-    ITEM_ID,
     ITEM_IDX,
+    SPLITS,
     TIMESTAMP,
-    USER_ID,
     USER_IDX,
-    WEIGHT,
     DatasetVersion,
-    datasets_root,
-    load_dataset,
+    write_dataset,
 )
-from app.lake import MANIFEST, Lake, utc_now
+from app.lake import Lake
 
 TINY_GROUPS = 4
 TINY_USERS_PER_GROUP = 20
@@ -90,18 +82,10 @@ def planted_interactions(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.array(users), np.array(items), np.array(stamps), n_users, n_items
 
 
-def write_dataset(
-    lake: Lake,
-    name: str,
-    users: np.ndarray,
-    items: np.ndarray,
-    stamps: np.ndarray,
-    n_users: int,
-    n_items: int,
-    item_genres: list[list[str]],
-    version: str = "v-tiny",
-) -> DatasetVersion:
-    """Write a dataset version in the layout of ``app.dataset`` with the DESIGN.md split."""
+def planted_splits(
+    users: np.ndarray, items: np.ndarray, stamps: np.ndarray
+) -> dict[str, dict[str, np.ndarray]]:
+    """The DESIGN.md split: each user's last 20 % is test, the last 10 % of the rest is valid."""
     order = np.lexsort((items, stamps, users))
     users, items, stamps = users[order], items[order], stamps[order]
     split = np.empty(len(users), dtype=object)
@@ -114,65 +98,23 @@ def write_dataset(
         split[rows[: rest - n_valid]] = "train"
         split[rows[rest - n_valid : rest]] = "valid"
         split[rows[rest:]] = "test"
-    rel = posixpath.join(datasets_root(name), version)
-    counts = {}
-    with lake.staging(rel) as stage:
-        for s in ("train", "valid", "test"):
-            m = split == s
-            counts[s] = int(m.sum())
-            table = pa.table(
-                {
-                    USER_IDX: users[m].astype(np.int32),
-                    ITEM_IDX: items[m].astype(np.int32),
-                    TIMESTAMP: stamps[m].astype(np.int64),
-                    WEIGHT: np.ones(int(m.sum()), dtype=np.float32),
-                },
-                schema=INTERACTION_SCHEMA,
-            )
-            os.makedirs(posixpath.join(stage, s), exist_ok=True)
-            pq.write_table(table, posixpath.join(stage, s, "part-0.parquet"))
-        pq.write_table(
-            pa.table(
-                {
-                    USER_IDX: np.arange(n_users, dtype=np.int32),
-                    USER_ID: [f"u{u}" for u in range(n_users)],
-                }
-            ),
-            posixpath.join(stage, "users.parquet"),
-        )
-        pq.write_table(
-            pa.table(
-                {
-                    ITEM_IDX: np.arange(n_items, dtype=np.int32),
-                    ITEM_ID: [f"i{i}" for i in range(n_items)],
-                    GENRES: pa.array(item_genres, type=pa.list_(pa.string())),
-                }
-            ),
-            posixpath.join(stage, "items.parquet"),
-        )
-        manifest = {
-            "name": name,
-            "version": version,
-            "created_at": utc_now(),
-            "n_users": n_users,
-            "n_items": n_items,
-            "n_interactions": int(len(users)),
-            "splits": counts,
-            "source": {"kind": "synthetic-planted"},
-        }
-        lake.fs.pipe_file(posixpath.join(stage, MANIFEST), _json_bytes(manifest))
-    return load_dataset(lake, name, version)
-
-
-def _json_bytes(obj: object) -> bytes:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True).encode()
+    return {
+        s: {USER_IDX: users[split == s], ITEM_IDX: items[split == s], TIMESTAMP: stamps[split == s]}
+        for s in SPLITS
+    }
 
 
 @pytest.fixture
 def tiny_dataset(tmp_lake: Lake) -> DatasetVersion:
     """A planted 80-user x 48-item dataset version (4 groups; genre ``g<k>`` = group k)."""
     users, items, stamps, n_users, n_items = planted_interactions(seed=0)
-    genres = [[f"g{i // TINY_ITEMS_PER_GROUP}"] for i in range(n_items)]
-    return write_dataset(tmp_lake, "tiny", users, items, stamps, n_users, n_items, genres)
+    return write_dataset(
+        tmp_lake,
+        "tiny",
+        "v-tiny",
+        planted_splits(users, items, stamps),
+        user_ids=[f"u{u}" for u in range(n_users)],
+        item_ids=[f"i{i}" for i in range(n_items)],
+        genres=[[f"g{i // TINY_ITEMS_PER_GROUP}"] for i in range(n_items)],
+        source={"kind": "synthetic-planted"},
+    )
