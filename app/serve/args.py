@@ -35,6 +35,9 @@ class ServeAppArgs(ServeArgs):
     """Most events in one ``POST /events`` batch."""
     max_context_items: int = Field(500, ge=0)
     """Most context or exclusion items in one ``POST /recommend``."""
+    warm_cache: bool = False
+    """Fill the answer cache at start and on reload from ``<lake>/predictions/<served version>/``
+    (``python -m jobs.batch_predict``), when they exist and no ranker rule is set."""
     pointer_poll_s: float = Field(1.0, gt=0.0)
     """How often replicas re-read the serving pointer / event log on a remote (S3) lake."""
 

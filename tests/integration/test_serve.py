@@ -498,3 +498,45 @@ def test_typed_builder_from_import_path(lake_with_models: tuple[Lake, list[str]]
     assert isinstance(app, Application)
     with pytest.raises(Exception, match="max_k"):
         call_user_app_builder_with_args_if_necessary(builder, {"lake": lake.uri, "max_k": 0})
+
+
+def test_warm_answers_from_batch_predictions(lake_with_models: tuple[Lake, list[str]]) -> None:
+    from app.predict import predict_table
+    from app.registry import load_model
+    from app.serve.app import warm_answers
+    from app.serve.store import load_catalogue
+
+    lake, versions = lake_with_models
+    model, record = load_model(lake, NAME, versions[0])
+    cat = load_catalogue(lake, "tiny", "v-tiny")
+    ds = load_dataset(lake, "tiny", "v-tiny")
+    users = np.arange(N_USERS)
+    user_ids, item_ids = np.array(_ids("u", N_USERS), object), np.array(_ids("i", N_ITEMS), object)
+    table = predict_table(model, users, model.history(ds, "train"), user_ids, item_ids, k=12)
+    # Plant a seen item at the head of u0's list: serving must drop it again.
+    lists = table.column("items").to_pylist()
+    seen0 = sorted(_seen(lake, 0))
+    lists[0] = [seen0[0]] + lists[0][:-1]
+    table = table.set_column(1, "items", pa.array(lists, pa.list_(pa.string())))
+    answers = warm_answers(table, cat, record.version, k=10, limit=50)
+    assert len(answers) == 50
+    by_user = {a.user_id: a for a in answers}
+    assert seen0[0] not in [x.item_id for x in by_user["u0"].items]
+    for user in (0, 5, 13):
+        a = by_user[f"u{user}"]
+        ids = [x.item_id for x in a.items]
+        assert len(ids) == 10 and not set(ids) & _seen(lake, user)
+        assert a.model_version == record.version and a.history_version == 0
+    # The same lists the retriever computes for these users (u0 lost one item to the filter).
+    loaded = LoadedModel(model, record)
+    for user in (5, 13):
+        q = Query(
+            record.version,
+            user,
+            cat.known_items(user),
+            np.zeros(0, np.int64),
+            cat.known_items(user),
+            10,
+        )
+        want = [cat.item_ids[i] for i in loaded.score([q])[0].items]
+        assert [x.item_id for x in by_user[f"u{user}"].items] == want
