@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import posixpath
 import shutil
 import socket
 import statistics
@@ -47,60 +46,28 @@ HOT_USERS, HOT_SHARE = 2_000, 0.8
 
 def make_lake(root: str) -> str:
     """Synthetic dataset version + a random 64-dim MF model registered as ``production``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from app.config import AppConfig, ModelArgs
-    from app.dataset import (
-        INTERACTION_SCHEMA,
-        ITEM_ID,
-        ITEM_IDX,
-        TIMESTAMP,
-        USER_ID,
-        USER_IDX,
-        WEIGHT,
-        load_dataset,
-    )
-    from app.lake import MANIFEST, Lake, utc_now
+    from app.dataset import ITEM_IDX, USER_IDX, write_dataset
     from app.model import build_model
     from app.registry import promote, register
 
-    lake = Lake(root)
     rng = np.random.default_rng(0)
     pop = 1.0 / np.arange(1, N_ITEMS + 1) ** 0.8
     users = np.repeat(np.arange(N_USERS, dtype=np.int32), SEEN)
     items = rng.choice(N_ITEMS, N_USERS * SEEN, p=pop / pop.sum()).astype(np.int32)
-    with lake.staging(posixpath.join("datasets", "bench", "v1")) as stage:
-        for split in ("train", "valid", "test"):
-            m = slice(None) if split == "train" else slice(0, 0)
-            os.makedirs(posixpath.join(stage, split))
-            table = pa.table(
-                {
-                    USER_IDX: users[m],
-                    ITEM_IDX: items[m],
-                    TIMESTAMP: np.zeros(len(users[m]), np.int64),
-                    WEIGHT: np.ones(len(users[m]), np.float32),
-                },
-                schema=INTERACTION_SCHEMA,
-            )
-            pq.write_table(table, posixpath.join(stage, split, "part-0.parquet"))
-        pq.write_table(
-            pa.table({USER_IDX: np.arange(N_USERS, dtype=np.int32), USER_ID: _ids("u", N_USERS)}),
-            posixpath.join(stage, "users.parquet"),
-        )
-        pq.write_table(
-            pa.table({ITEM_IDX: np.arange(N_ITEMS, dtype=np.int32), ITEM_ID: _ids("i", N_ITEMS)}),
-            posixpath.join(stage, "items.parquet"),
-        )
-        manifest = {"name": "bench", "version": "v1", "created_at": utc_now()}
-        manifest.update(n_users=N_USERS, n_items=N_ITEMS)
-        lake.fs.pipe_file(posixpath.join(stage, MANIFEST), json.dumps(manifest).encode())
-    ds = load_dataset(lake, "bench", "v1")
+    ds = write_dataset(
+        root,
+        "bench",
+        "v1",
+        {"train": {USER_IDX: users, ITEM_IDX: items}},
+        _ids("u", N_USERS),
+        _ids("i", N_ITEMS),
+    )
     args = ModelArgs(name="mf", embed_dim=DIM)
     cfg = AppConfig.model_validate({"lake": root, "model": args.model_dump()})
     model = build_model(args, N_USERS, N_ITEMS, seed=0)
-    rec = register(lake, NAME, model, cfg, ds, {"valid_ndcg@10": 0.0})
-    promote(lake, NAME, rec.version, "production")
+    rec = register(ds.lake, NAME, model, cfg, ds, {"valid_ndcg@10": 0.0})
+    promote(ds.lake, NAME, rec.version, "production")
     return root
 
 

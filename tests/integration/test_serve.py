@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import posixpath
 import socket
 import threading
 import time
@@ -14,24 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import requests
 import scipy.sparse as sp
 
 from app.config import AppConfig, ModelArgs
-from app.dataset import (
-    GENRES,
-    INTERACTION_SCHEMA,
-    ITEM_ID,
-    ITEM_IDX,
-    TIMESTAMP,
-    USER_ID,
-    USER_IDX,
-    WEIGHT,
-    load_dataset,
-)
-from app.lake import MANIFEST, Lake, utc_now
+from app.dataset import ITEM_IDX, TIMESTAMP, USER_IDX, load_dataset, write_dataset
+from app.lake import Lake
 from app.model import build_model
 from app.registry import promote, register
 from app.serve import ServeAppArgs, TTLCache, build_application, rerank
@@ -58,47 +45,15 @@ def _write_dataset(lake: Lake) -> None:
         chosen = g * ITEMS_PER_GROUP + rng.choice(ITEMS_PER_GROUP, PER_USER, replace=False)
         users += [u] * PER_USER
         items += chosen.tolist()
-    users_a, items_a = np.array(users, np.int32), np.array(items, np.int32)
-    rel = posixpath.join("datasets", "tiny", "v-tiny")
-    with lake.staging(rel) as stage:
-        for s in ("train", "valid", "test"):
-            m = np.ones(len(users_a), bool) if s == "train" else np.zeros(len(users_a), bool)
-            os.makedirs(posixpath.join(stage, s))
-            pq.write_table(
-                pa.table(
-                    {
-                        USER_IDX: users_a[m],
-                        ITEM_IDX: items_a[m],
-                        TIMESTAMP: np.arange(int(m.sum()), dtype=np.int64),
-                        WEIGHT: np.ones(int(m.sum()), np.float32),
-                    },
-                    schema=INTERACTION_SCHEMA,
-                ),
-                posixpath.join(stage, s, "part-0.parquet"),
-            )
-        pq.write_table(
-            pa.table({USER_IDX: np.arange(N_USERS, dtype=np.int32), USER_ID: _ids("u", N_USERS)}),
-            posixpath.join(stage, "users.parquet"),
-        )
-        genres = [[f"g{i // ITEMS_PER_GROUP}"] for i in range(N_ITEMS)]
-        pq.write_table(
-            pa.table(
-                {
-                    ITEM_IDX: np.arange(N_ITEMS, dtype=np.int32),
-                    ITEM_ID: _ids("i", N_ITEMS),
-                    GENRES: pa.array(genres, type=pa.list_(pa.string())),
-                }
-            ),
-            posixpath.join(stage, "items.parquet"),
-        )
-        manifest = {
-            "name": "tiny",
-            "version": "v-tiny",
-            "created_at": utc_now(),
-            "n_users": N_USERS,
-            "n_items": N_ITEMS,
-        }
-        lake.fs.pipe_file(posixpath.join(stage, MANIFEST), json.dumps(manifest).encode())
+    train = {
+        USER_IDX: np.array(users, np.int32),
+        ITEM_IDX: np.array(items, np.int32),
+        TIMESTAMP: np.arange(len(users), dtype=np.int64),
+    }
+    genres = [[f"g{i // ITEMS_PER_GROUP}"] for i in range(N_ITEMS)]
+    write_dataset(
+        lake, "tiny", "v-tiny", {"train": train}, _ids("u", N_USERS), _ids("i", N_ITEMS), genres
+    )
 
 
 def _ids(prefix: str, n: int) -> list[str]:
