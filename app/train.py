@@ -2,7 +2,8 @@
 
 Run with ``python -m jobs.train --config jobs/configs/<name>.yaml [train.num_workers=2 ...]``.
 ``build_trainer`` is the one place that wires ``ScalingConfig``, datasets and checkpoints; the
-tuning stage reuses it for every trial.
+tuning stage reuses it for every trial, and ``register_validated`` (refit on train + validation,
+register, promote) for its best trial.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import scipy.sparse as sp
 import torch
@@ -26,6 +27,9 @@ from app.config import AppConfig, ModelArgs, TrainArgs
 from app.dataset import GENRES, ITEM_IDX, USER_IDX, DatasetVersion, load_dataset
 from app.lake import Lake
 from app.model import Recommender, build_model
+
+if TYPE_CHECKING:
+    from app.registry import ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -327,54 +331,114 @@ def dataset_for(cfg: AppConfig) -> DatasetVersion:
     return data.run(cfg.data, cfg.lake, seed=cfg.seed)
 
 
-def run(cfg: AppConfig) -> Any:
+@dataclass
+class Validation:
+    """A configuration chosen on the validation split: what its refit and registration need.
+
+    ``validate`` makes one from a train-only fit; ``app.tune`` makes one from its best trial.
+    """
+
+    cfg: AppConfig
+    """The resolved configuration that was validated."""
+    metrics: dict[str, Any]
+    """Metrics to register: ``valid_*`` at the best epoch, plus any the caller adds."""
+    best_epoch: int | None
+    """The epoch count the refit trains for (``None``: ``train.epochs``)."""
+    run: str | None = None
+    """Checkpoint of the validated run: the refit's ``parent_run`` in the lineage."""
+    wall_time_s: float = 0.0
+    """Training seconds of the validating fit, counted in ``train_wall_s``."""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    """Extra lineage: the epoch ``history``, or the search history under ``tune``."""
+    outcome: TrainOutcome | None = None
+    """The validating fit itself, registered as is when there is no refit."""
+
+
+def validate(cfg: AppConfig, ds: DatasetVersion) -> Validation:
+    """Fit ``cfg`` on the train split only and keep its best epoch's validation metrics."""
+    first_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"refit": False})})
+    outcome = fit(first_cfg, ds)
+    best = outcome.best_metrics
+    valid = {k: v for k, v in best.items() if k.startswith("valid_")}
+    log.info("validation at best epoch %s: %s", best.get("epoch"), valid)
+    return Validation(
+        cfg=first_cfg,
+        metrics=valid,
+        best_epoch=best.get("epoch"),
+        run=outcome.checkpoint_path,
+        wall_time_s=outcome.wall_time_s,
+        lineage={"history": outcome.history},
+        outcome=outcome,
+    )
+
+
+def register_validated(
+    validation: Validation,
+    ds: DatasetVersion,
+    *,
+    refit: bool = True,
+    promote_to: str = "staging",
+    reason: str = "jobs.train",
+) -> ModelRecord:
+    """Refit a validated configuration on train + validation (protocol), register and promote it.
+
+    Args:
+        validation: The configuration, its validation metrics and lineage.
+        ds: The dataset version it was validated on.
+        refit: Refit for the best epoch count; otherwise register the validating fit itself.
+        promote_to: Alias to point at the new version (``none`` to skip); a refused promotion
+            to ``production`` is logged, the version stays registered.
+        reason: Why, for the promotion log (the job's name).
+
+    Returns:
+        The registry record of the registered model.
+    """
+    from app import registry
+
+    if refit:
+        epochs = int(validation.best_epoch or validation.cfg.train.epochs)
+        final_cfg = validation.cfg.model_copy(
+            update={
+                "train": validation.cfg.train.model_copy(update={"refit": True, "epochs": epochs})
+            }
+        )
+        final, parent = fit(final_cfg, ds), validation.run
+        wall = validation.wall_time_s + final.wall_time_s
+    elif validation.outcome is not None:
+        final_cfg, final, parent = validation.cfg, validation.outcome, None
+        wall = validation.wall_time_s
+    else:
+        raise ValueError("nothing to register: no refit and no fitted model in the validation")
+    lake = Lake(final_cfg.lake)
+    name = registry.registry_name(final_cfg)
+    metrics = {
+        **validation.metrics,
+        "best_epoch": validation.best_epoch,
+        "train_wall_s": round(wall, 2),
+        "fit_on": "train+valid" if final_cfg.train.refit else "train",
+    }
+    lineage = {"run": final.checkpoint_path, "parent_run": parent, **validation.lineage}
+    record = registry.register(lake, name, final.model, final_cfg, ds, metrics, lineage)
+    if promote_to != "none":
+        try:
+            registry.promote(lake, name, record.version, promote_to, reason=reason)
+        except registry.PromotionRefused as exc:
+            log.warning("%s", exc)
+    return record
+
+
+def run(cfg: AppConfig) -> ModelRecord:
     """Train, validate, refit on train + validation (protocol) and register; returns the record.
 
     Validation metrics (``valid_ndcg@10`` ...) come from the train-only fit at its best epoch;
     the registered weights come from the refit with that many epochs when
     ``train.refit_final`` is set.
     """
-    from app import registry
-    from app.lake import Lake
-
     ds = dataset_for(cfg)
-    first_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"refit": False})})
-    outcome = fit(first_cfg, ds)
-    best = outcome.best_metrics
-    valid = {k: v for k, v in best.items() if k.startswith("valid_")}
-    log.info("validation at best epoch %s: %s", best.get("epoch"), valid)
-    final, final_cfg, parent = outcome, first_cfg, None
-    if cfg.train.refit_final:
-        epochs = int(best.get("epoch") or cfg.train.epochs)
-        final_cfg = cfg.model_copy(
-            update={"train": cfg.train.model_copy(update={"refit": True, "epochs": epochs})}
-        )
-        parent = outcome.checkpoint_path
-        final = fit(final_cfg, ds)
-    lake = Lake(cfg.lake)
-    name = registry.registry_name(cfg)
-    metrics = {
-        **valid,
-        "best_epoch": best.get("epoch"),
-        "train_wall_s": round(outcome.wall_time_s + (final.wall_time_s if parent else 0), 2),
-        "fit_on": "train+valid" if final_cfg.train.refit else "train",
-    }
-    record = registry.register(
-        lake,
-        name,
-        final.model,
-        final_cfg,
+    return register_validated(
+        validate(cfg, ds),
         ds,
-        metrics,
-        lineage_extra={
-            "run": final.checkpoint_path,
-            "parent_run": parent,
-            "history": outcome.history,
-        },
+        refit=cfg.train.refit_final,
+        promote_to=cfg.train.promote_to,
+        reason="jobs.train",
     )
-    if cfg.train.promote_to != "none":
-        try:
-            registry.promote(lake, name, record.version, cfg.train.promote_to, reason="jobs.train")
-        except registry.PromotionRefused as exc:
-            log.warning("%s", exc)
-    return record

@@ -5,11 +5,12 @@ Run with ``python -m jobs.tune --config jobs/configs/<name>.yaml [tune.num_sampl
 Each trial is a Ray Train run built by ``app.train.build_trainer`` with a ``TuneReportCallback``
 (nothing is copied from the training stage): trials fit on train and report validation NDCG@10
 every epoch, ASHA stops the weak ones early, and the searcher proposes the next configuration.
-The best trial's configuration is refit on train + validation for its best epoch count
-(DESIGN.md protocol), registered with the whole search history in its lineage and promoted to
-``staging``. The experiment lives at ``<lake>/tune/<name>``; with ``tune.resume`` a search
-interrupted by a driver crash continues where it stopped (finished trials are not rerun, and
-unfinished ones resume from their last Train checkpoint).
+The best trial's configuration goes through the training stage's ``register_validated``: refit
+on train + validation for its best epoch count (DESIGN.md protocol), registered with the whole
+search history in its lineage and promoted to ``staging``. The experiment lives at
+``<lake>/tune/<name>``; with ``tune.resume`` a search interrupted by a driver crash continues
+where it stopped (finished trials are not rerun, and unfinished ones resume from their last
+Train checkpoint).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import os
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import AppConfig, ConfigError, _set_dotted
+
+if TYPE_CHECKING:
+    from app.registry import ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], dataset: list[str], run
 
 def experiment_path(cfg: AppConfig) -> str:
     """Where the search lives: ``<lake>/tune/<tune.name or data.name>``."""
-    name = getattr(cfg.tune, "name", None) or cfg.data.name
+    name = cfg.tune.name or cfg.data.name
     return posixpath.join(cfg.lake.rstrip("/"), "tune", name)
 
 
@@ -308,7 +312,7 @@ def format_trials(rows: list[dict[str, Any]] | list[TrialRow]) -> str:
     return "\n".join(fmt.format(*row) for row in [head, *lines])
 
 
-def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None) -> Any:
+def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None) -> ModelRecord:
     """Search, refit the best configuration on train + validation, register and promote it.
 
     Args:
@@ -321,11 +325,10 @@ def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None)
         The registry record of the refit model; its lineage holds the search history under
         ``tune``.
     """
-    from app import registry, train
-    from app.lake import Lake
+    from app import train
 
-    resume = bool(getattr(cfg.tune, "resume", False)) if resume is None else resume
-    searcher = searcher or getattr(cfg.tune, "searcher", None) or _default_searcher()
+    resume = cfg.tune.resume if resume is None else resume
+    searcher = searcher or cfg.tune.searcher or _default_searcher()
     t0 = time.perf_counter()
     results = build_tuner(cfg, resume=resume, searcher=searcher).fit()
     search_s = time.perf_counter() - t0
@@ -340,34 +343,17 @@ def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None)
     df = best_result.metrics_dataframe
     best_row = df[df[TIME_ATTR] == best.best_epoch].iloc[-1].to_dict()
 
-    # Protocol: refit the chosen configuration on train + validation for its best epoch count.
-    chosen = apply_params(cfg, best.params)
-    final_cfg = chosen.model_copy(
-        update={"train": chosen.train.model_copy(update={"refit": True, "epochs": best.best_epoch})}
-    )
-    ds = train.dataset_for(cfg)
-    final = train.fit(final_cfg, ds)
-    lake = Lake(cfg.lake)
-    name = registry.registry_name(final_cfg)
-    metrics = {
-        **{k: float(v) for k, v in best_row.items() if k.startswith("valid_")},
-        "best_epoch": best.best_epoch,
-        "fit_on": "train+valid",
-        "train_wall_s": round(final.wall_time_s, 2),
-        "tune_wall_s": round(search_s, 2),
-        "tune_trials": len(rows),
-        "tune_errored_trials": sum(r.status == "error" for r in rows),
-    }
-    record = registry.register(
-        lake,
-        name,
-        final.model,
-        final_cfg,
-        ds,
-        metrics,
-        lineage_extra={
-            "run": final.checkpoint_path,
-            "parent_run": best_row.get("checkpoint_path"),
+    chosen = train.Validation(
+        cfg=apply_params(cfg, best.params),
+        metrics={
+            **{k: float(v) for k, v in best_row.items() if k.startswith("valid_")},
+            "tune_wall_s": round(search_s, 2),
+            "tune_trials": len(rows),
+            "tune_errored_trials": sum(r.status == "error" for r in rows),
+        },
+        best_epoch=best.best_epoch,
+        run=best_row.get("checkpoint_path"),
+        lineage={
             "tune": {
                 "experiment": experiment_path(cfg),
                 "searcher": searcher,
@@ -380,7 +366,7 @@ def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None)
             },
         },
     )
-    alias = getattr(cfg.tune, "promote_to", "staging")
-    if alias != "none":
-        registry.promote(lake, name, record.version, alias, reason="jobs.tune")
-    return record
+    ds = train.dataset_for(cfg)
+    return train.register_validated(
+        chosen, ds, refit=True, promote_to=cfg.tune.promote_to, reason="jobs.tune"
+    )

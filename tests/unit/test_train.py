@@ -4,10 +4,11 @@ import os
 
 import pytest
 
-from app.config import AppConfig, ModelArgs, TrainArgs
+from app import registry
+from app.config import AppConfig, DataArgs, ModelArgs, TrainArgs
 from app.evaluate import evaluate
 from app.model import MatrixFactorization, Popularity
-from app.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, VALID_METRIC, TrainOutcome, fit
+from app.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, VALID_METRIC, TrainOutcome, fit, run
 
 
 def _cfg(lake: str, **train) -> AppConfig:
@@ -58,6 +59,31 @@ def test_closed_form_fit_needs_no_trainer(tiny_dataset, name):
         assert outcome.best_metrics[VALID_METRIC] > _popularity_valid(tiny_dataset) + 0.1
     refit = fit(cfg.model_copy(update={"train": TrainArgs(refit=True)}), tiny_dataset)
     assert VALID_METRIC not in refit.last_metrics
+
+
+@pytest.mark.parametrize("refit_final", [True, False])
+def test_run_validates_refits_registers_and_promotes(tiny_dataset, refit_final, caplog):
+    def ease(ease_lambda: float) -> AppConfig:
+        return AppConfig(
+            lake=tiny_dataset.lake.uri,
+            data=DataArgs(name="tiny", source="synthetic"),
+            model=ModelArgs(name="ease", ease_lambda=ease_lambda),
+            train=TrainArgs(refit_final=refit_final, promote_to="production"),
+        )
+
+    record = run(ease(10.0))
+    assert record.metrics[VALID_METRIC] > _popularity_valid(tiny_dataset) + 0.1
+    assert record.metrics["best_epoch"] == 1
+    assert record.metrics["fit_on"] == ("train+valid" if refit_final else "train")
+    assert record.config["train"]["refit"] is refit_final
+    assert [h["epoch"] for h in record.lineage["history"]] == [1]
+    assert registry.aliases(tiny_dataset.lake, "tiny-ease")["production"] == record.version
+    # A worse model is registered, but the production gate refuses it: a warning, not an error.
+    worse = run(ease(1e-3))
+    assert worse.metrics[VALID_METRIC] < record.metrics[VALID_METRIC]
+    assert registry.list_versions(tiny_dataset.lake, "tiny-ease")[-1] == worse.version
+    assert registry.aliases(tiny_dataset.lake, "tiny-ease")["production"] == record.version
+    assert "refusing to promote" in caplog.text
 
 
 @pytest.mark.slow
