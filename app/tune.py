@@ -15,6 +15,7 @@ Train checkpoint).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -35,6 +36,9 @@ TIME_ATTR = "epoch"
 """Per-epoch key of ``train_loop_per_worker``'s reports (survives Train worker restarts)."""
 TRIAL_DRIVER_CPUS = 0.01
 """A trial's driver only waits on its Train run; the CPUs go to the Train workers."""
+CLOSED_FORM_TRIAL_CPUS = 1.0
+
+"""A closed-form trial (EASE, EDLAE) solves its model in the trial process."""
 
 DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "model.name": ["mf", "two_tower"],
@@ -68,7 +72,8 @@ def build_search_space(overrides: dict[str, Any] | None = None) -> dict[str, Any
     """Tune's ``param_space`` from the default space updated with ``overrides``.
 
     A value is a list of choices, ``{"low", "high", "log"}`` (ints give an int range, bounds
-    included), ``{"grid": [...]}`` (every value, random searcher only) or a scalar (fixed).
+    included), ``{"grid": [...]}`` (every value, random searcher only), a scalar (fixed), or
+    ``None`` to drop a default dimension (e.g. the MF settings when searching EDLAE only).
 
     Raises:
         ConfigError: naming the ``tune.search_space`` key that is not a config field or is
@@ -77,8 +82,11 @@ def build_search_space(overrides: dict[str, Any] | None = None) -> dict[str, Any
     from ray import tune
 
     space: dict[str, Any] = {}
-    for key, spec in {**DEFAULT_SEARCH_SPACE, **(overrides or {})}.items():
+    merged = {**DEFAULT_SEARCH_SPACE, **(overrides or {})}
+    for key, spec in merged.items():
         _check_key(key)
+        if spec is None:  # ``key: null`` removes a default dimension
+            continue
         where = f"tune.search_space.{key}"
         if isinstance(spec, list | tuple):
             if not spec:
@@ -131,7 +139,7 @@ def _trial_cfg(cfg: AppConfig, params: dict[str, Any]) -> AppConfig:
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], dataset: list[str], runs: str) -> None:
-    """One trial: a Ray Train run whose per-epoch reports reach Tune."""
+    """One trial: a Ray Train run whose per-epoch reports reach Tune (closed form: one fit)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -140,12 +148,25 @@ def _trial(config: dict[str, Any], base: dict[str, Any], dataset: list[str], run
 
     cfg = _trial_cfg(AppConfig.model_validate(base), config)
     ds = load_dataset(*dataset)
+    if cfg.model.name in train.CLOSED_FORM:
+        # Closed-form families (EASE, EDLAE, popularity) are fit in the trial itself by the
+        # training stage's own path: one "epoch", one report.
+        tune.report(train.fit(cfg, ds).last_metrics)
+        return
     # A stable run name: a restored trial resumes its Train run from the last checkpoint.
     name = tune.get_context().get_trial_id()
     trainer = train.build_trainer(cfg, ds, runs, name, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+
+
+def trial_resources(base_family: str, config: dict[str, Any]) -> dict[str, float]:
+    """A trial's own CPUs: a closed-form fit computes in the trial, a Train run in its workers."""
+    from app.train import CLOSED_FORM
+
+    family = config.get("model.name", base_family)
+    return {"cpu": CLOSED_FORM_TRIAL_CPUS if family in CLOSED_FORM else TRIAL_DRIVER_CPUS}
 
 
 def experiment_path(cfg: AppConfig) -> str:
@@ -203,7 +224,7 @@ def build_tuner(
             dataset=[ds.lake.uri, ds.name, ds.version],
             runs=posixpath.join(path, "runs"),
         ),
-        {"cpu": TRIAL_DRIVER_CPUS},
+        functools.partial(trial_resources, cfg.model.name),
     )
     if resume and tune.Tuner.can_restore(storage, storage_filesystem=filesystem):
         log.info("resuming the search at %s", path)
@@ -240,6 +261,8 @@ def build_tuner(
 
 def trial_rows(results: Any, space_keys: list[str], max_epochs: int) -> list[tuple[TrialRow, Any]]:
     """The search history of a ``ResultGrid``: (row, ``Result``) per trial, best first."""
+    from app.train import CLOSED_FORM
+
     rows = []
     for result in results:
         config = result.config or {}
@@ -252,6 +275,8 @@ def trial_rows(results: Any, space_keys: list[str], max_epochs: int) -> list[tup
                 i = df[METRIC].idxmax()
                 best, best_epoch = float(df[METRIC][i]), int(df[TIME_ATTR][i])
         planned = min(int(config.get("train.epochs", max_epochs)), max_epochs)
+        if config.get("model.name") in CLOSED_FORM:
+            planned = 1  # one fit, one report
         if result.error is not None:
             status = "error"
         elif epochs_run < planned:
