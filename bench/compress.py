@@ -25,7 +25,7 @@ from app.evaluate import evaluate, top_k
 from app.model import build_model
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
-ML_SMALL = "/work/shared/data/ml-latest-small"
+ML_SMALL = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small")
 
 
 def _median_ms(fn: Any, reps: int) -> float:

@@ -14,7 +14,9 @@ which is the EASE closed form (``test_edlae_without_dropout_is_ease`` checks it 
 ``app.model.EASE``) but solved by Cholesky on the items that have interactions only.
 ScaleRec's own: MF and two-tower (``app.model`` modules and loss, trained in this process by a
 plain Adam loop with the settings of ``app.train``: batch 1024, lr 0.005; the epoch count is
-chosen on validation), and EDLAE scored on a recency-weighted history (``recency_weighted``).
+chosen on validation), EDLAE scored on a recency-weighted history (``recency_weighted``), and
+the model the Ray Tune search of ``--config`` selects (``app.tune.run``: Optuna over EDLAE's
+lambda, dropout and recency tau, refit on train + validation, registered), tested here.
 Each row's ``seconds`` covers its whole grid, the refit and the evaluations.
 """
 
@@ -396,6 +398,55 @@ def run_torch(data: Splits, family: str, max_epochs: int, eval_every: int) -> di
     }
 
 
+def run_ray_tune(data: Splits, config: str, lake: str, data_path: str, samples: int) -> dict:
+    """The Ray Tune search of ``config`` (``python -m jobs.tune``), its winner tested here.
+
+    The search chooses on validation and refits on train + validation (``app.tune.run``); this
+    row scores the registered model on test with the same metric code as every other row.
+    """
+    import ray
+
+    from app import tune as app_tune
+    from app.config import AppConfig, load_config
+    from app.lake import Lake
+    from app.registry import load_model, registry_name
+
+    name = f"quality-{int(time.time())}"
+    overrides = [f"lake={lake}", f"data.path={data_path}", f"tune.name={name}"]
+    cfg = load_config(config, [*overrides, f"tune.num_samples={samples}"])
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        record = app_tune.run(cfg)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    chosen_cfg = AppConfig.model_validate(record.config)
+    model, _ = load_model(Lake(lake), registry_name(chosen_cfg), record.version)
+    history, target = data.stage("test")
+    weighted = model.history(data.ds, "train", "valid")
+    test = _metrics(lambda u: model.score(u, weighted[u]), history, target)
+    search = record.lineage["tune"]
+    params = {k.removeprefix("model."): v for k, v in search["trials"][0]["params"].items()}
+    print(f"  Ray Tune: {len(search['trials'])} trials in {search['wall_s']:.0f} s, best {params}")
+    return {
+        "model": f"ScaleRec Ray Tune-selected ({chosen_cfg.model.name})",
+        "baseline": False,
+        "params": params,
+        f"valid_ndcg@{K}": float(record.metrics["valid_ndcg@10"]),
+        **test,
+        "seconds": round(wall, 1),
+        "tune": {
+            "trials": len(search["trials"]),
+            "search_wall_s": search["wall_s"],
+            "search_and_refit_wall_s": round(wall, 1),
+            "searcher": search["searcher"],
+            "registered_version": record.version,
+        },
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -433,7 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default="../shared/data/ml-latest-small")
     p.add_argument("--torch-epochs", type=int, default=None, help="max epochs (60; quick 3)")
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--skip", nargs="*", default=[], help="families to leave out: mf two_tower")
+    p.add_argument("--skip", nargs="*", default=[], help="leave out: mf two_tower tune")
+    p.add_argument("--tune-samples", type=int, default=None, help="Ray Tune trials (16; quick 4)")
     p.add_argument("--out", default="bench/results/quality.json")
     ns = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -453,6 +505,9 @@ def main(argv: list[str] | None = None) -> dict:
     for family in ("mf", "two_tower"):
         if family not in ns.skip:
             rows.append(run_torch(data, family, max_epochs, eval_every))
+    if "tune" not in ns.skip:
+        samples = ns.tune_samples or (4 if ns.quick else 16)
+        rows.append(run_ray_tune(data, ns.config, ns.lake, ns.data, samples))
     order = {
         r: i for i, r in enumerate(["Popularity", "implicit ALS", "implicit BPR", "ItemKNN cosine"])
     }
@@ -473,6 +528,14 @@ def main(argv: list[str] | None = None) -> dict:
         "best_baseline_on_test": best_base_test["model"],
         "best_baseline_on_valid": best_base["model"],
     }
+    tuned = next((r for r in rows if "tune" in r), None)
+    if tuned is not None:
+        summary["tune_selected"] = tuned["model"]
+        summary[f"tune_selected_test_ndcg@{K}"] = tuned[f"ndcg@{K}"]
+        summary["tune_selected_ratio_vs_best_baseline_on_test"] = (
+            tuned[f"ndcg@{K}"] / best_base_test[f"ndcg@{K}"]
+        )
+        summary["tune_search_wall_s_2_cpus"] = tuned["tune"]["search_wall_s"]
     text = table(rows)
     print(text)
     print(
