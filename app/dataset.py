@@ -154,7 +154,7 @@ optionally ``timestamp``, default 0, and ``weight``, default 1), or a user × it
 
 def _interaction_table(rows: Interactions, n_users: int, n_items: int, split: str) -> pa.Table:
     """``rows`` as a table of ``INTERACTION_SCHEMA``; indices checked against the id maps."""
-    if sp.issparse(rows):
+    if isinstance(rows, sp.spmatrix | sp.sparray):
         coo = rows.tocoo()
         rows = {USER_IDX: coo.row, ITEM_IDX: coo.col, WEIGHT: coo.data}
     elif isinstance(rows, pa.Table):
