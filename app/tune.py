@@ -236,7 +236,11 @@ def build_tuner(
         metric=METRIC,
         mode="max",
         grace_period=min(cfg.tune.grace_period, cfg.tune.max_epochs),
-        max_t=cfg.tune.max_epochs,
+        # One past the last epoch: a trial that runs all its epochs ends when its Train run
+        # returns. At max_t Tune would stop the trial actor at the last report, killing the Train
+        # controller before it releases its workers' placement group (Ray Train's fallback
+        # cleaner then has to find the cluster, which fails when a host runs several).
+        max_t=cfg.tune.max_epochs + 1,
     )
     return tune.Tuner(
         trainable,

@@ -1,9 +1,29 @@
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 
 from app import registry, tune
-from app.config import AppConfig, ConfigError, DataArgs, ModelArgs, TrainArgs, TuneArgs
+from app.config import (
+    AppConfig,
+    ConfigError,
+    DataArgs,
+    ModelArgs,
+    TrainArgs,
+    TuneArgs,
+    config_to_yaml,
+)
 from app.lake import Lake
 from app.train import VALID_METRIC
 
@@ -106,3 +126,175 @@ def test_failing_trial_does_not_sink_the_search(ray_cluster, tiny_dataset):
     assert failed["error"].startswith("ValidationError: train.lr: Input should be greater than 0")
     assert record.metrics["tune_errored_trials"] == 1
     assert record.config["train"]["lr"] == 0.03
+
+
+# --- driver crash and resume: jobs.tune as a subprocess with its own local Ray cluster ---
+REPO = Path(__file__).resolve().parents[2]
+TERMINATED = "TERMINATED"
+
+
+def _trial_states(experiment: str) -> dict[str, str]:
+    """Trial id → status in the newest experiment state Tune has synced to storage."""
+    states = sorted(glob.glob(os.path.join(experiment, "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        with open(states[-1]) as f:
+            trial_data = json.load(f)["trial_data"]
+    except (OSError, ValueError, KeyError):  # mid-write: read it on the next poll
+        return {}
+    trials = [json.loads(state) for state, _ in trial_data]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def _results(experiment: str, trial_ids: set[str]) -> dict[str, bytes]:
+    """Each trial's ``result.json`` (its per-epoch reports as Tune logged them)."""
+    found = {}
+    for path in glob.glob(os.path.join(experiment, "*", "result.json")):
+        trial_id = next(
+            (t for t in trial_ids if t in os.path.basename(os.path.dirname(path))), None
+        )
+        if trial_id is not None:
+            found[trial_id] = Path(path).read_bytes()
+    return found
+
+
+class _Driver:
+    """``python -m jobs.tune`` in its own session, with a private Ray temp dir.
+
+    The driver starts a local Ray cluster whose processes live in the driver's process group;
+    ``kill`` ends the group and any straggler that carries this driver's ``RAY_TMPDIR``, so a
+    SIGKILLed driver leaks no raylet, GCS or worker into other tests.
+    """
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: socket path limits
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=self.ray_tmp, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "jobs.tune", *args],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _stragglers(self) -> list[int]:
+        marker = f"RAY_TMPDIR={self.ray_tmp}".encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        pids.append(int(entry))
+            except OSError:  # gone, or not ours
+                continue
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL the driver's process group, then any process left from its Ray cluster."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (pids := self._stragglers()) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+        assert not self._stragglers(), "Ray processes of the killed driver survived"
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two driver start-ups and four Train runs on 2 cores
+def test_search_resumes_after_driver_crash(tiny_dataset, tmp_path):
+    num_samples = 4
+    cfg = _cfg(tiny_dataset.lake.uri, {"train.lr": {"low": 0.01, "high": 0.05, "log": True}})
+    cfg = cfg.model_copy(
+        update={
+            "tune": cfg.tune.model_copy(update={"num_samples": num_samples, "searcher": "random"}),
+            "cluster": cfg.cluster.model_copy(update={"num_cpus": 4, "progress_bars": False}),
+        }
+    )
+    config = tmp_path / "tune.yaml"
+    config.write_text(config_to_yaml(cfg))
+    args = ["--config", str(config), f"lake={cfg.lake}"]
+    experiment = tune.experiment_path(cfg)
+
+    # 1. Run the search and SIGKILL its driver once a finished trial is in the synced state.
+    first = _Driver(args, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 600
+        while not any(s == TERMINATED for s in _trial_states(experiment).values()):
+            assert first.proc.poll() is None, f"driver exited early:\n{first.log_tail()}"
+            assert time.monotonic() < deadline, f"no finished trial in 600 s:\n{first.log_tail()}"
+            time.sleep(1.0)
+    finally:
+        first.kill()
+    before = _trial_states(experiment)
+    finished = {t for t, s in before.items() if s == TERMINATED}
+    assert 1 <= len(finished) < num_samples, before  # the crash interrupted the search
+    results_before = _results(experiment, finished)
+    assert set(results_before) == finished
+
+    # 2. The same command with tune.resume=true completes the search and registers the best.
+    second = _Driver([*args, "tune.resume=true"], tmp_path / "second.log")
+    try:
+        assert second.proc.wait(timeout=900) == 0, second.log_tail()
+    finally:
+        second.kill()
+    output = second.log_path.read_text()
+    assert f"resuming the search at {experiment}" in output
+
+    after = _trial_states(experiment)
+    assert len(after) == num_samples and set(after.values()) == {TERMINATED}, after
+    assert finished <= set(after)  # the same trials, not a new search
+    # Finished trials were not rerun: their logged reports are byte for byte those before.
+    assert _results(experiment, finished) == results_before
+
+    record = registry.get_record(Lake(cfg.lake), "tiny-mf", "staging")
+    assert f"registered tiny-mf version {record.version}" in output
+    search = record.lineage["tune"]
+    assert {t["trial_id"] for t in search["trials"]} == set(after)
+    assert record.metrics["tune_trials"] == num_samples
+    assert record.metrics["tune_errored_trials"] == 0
+
+
+def test_null_drops_a_default_dimension():
+    space = tune.build_search_space({"model.name": ["edlae"], "train.lr": None, "model.l2": None})
+    assert "train.lr" not in space and "model.l2" not in space and "model.loss" in space
+    assert tune.trial_resources("mf", {"model.name": "edlae"}) == {"cpu": 1.0}
+    assert tune.trial_resources("edlae", {"train.lr": 0.1}) == {"cpu": 1.0}
+    assert tune.trial_resources("edlae", {"model.name": "mf"})["cpu"] < 0.1
+
+
+@pytest.mark.slow
+def test_closed_form_trials_fit_in_the_trial_and_win_on_validation(ray_cluster, tiny_dataset):
+    """EDLAE trials: one fit and one report each; the best is refit and registered."""
+    lake = Lake(tiny_dataset.lake.uri)
+    space = {k: None for k in tune.DEFAULT_SEARCH_SPACE} | {
+        "model.name": ["edlae"],
+        "model.edlae_lambda": {"grid": [1.0, 1000.0]},
+        "model.recency_tau": 5.0,
+    }
+    cfg = _cfg(lake.uri, {}, num_samples=1)
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"search_space": space})})
+    record = tune.run(cfg, searcher="random")
+    trials = record.lineage["tune"]["trials"]
+    assert len(trials) == 2 and all(t["status"] == "done" and t["epochs_run"] == 1 for t in trials)
+    lambdas = {t["params"]["model.edlae_lambda"]: t["best_valid_ndcg"] for t in trials}
+    best = trials[0]
+    assert best["best_valid_ndcg"] == max(lambdas.values())
+    assert record.config["model"]["name"] == "edlae"
+    assert record.config["model"]["edlae_lambda"] == best["params"]["model.edlae_lambda"]
+    assert record.config["train"]["refit"] is True
+    assert registry.aliases(lake, "tiny-edlae")["staging"] == record.version
