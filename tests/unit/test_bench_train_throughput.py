@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.config import ModelArgs
+from bench import train_throughput as tt
+
+
+def _variant(name: str, rates: list[int], **extra) -> dict:
+    epochs = [
+        {"epoch": i + 1, "seconds": 1_000 / r, "interactions": 1_000, "interactions_per_s": r}
+        for i, r in enumerate(rates)
+    ]
+    return {"variant": name, "rows_per_step": 1024, "epochs": epochs, **extra}
+
+
+def test_bench_config_sets_the_workload_and_keeps_user_overrides(tmp_path: Path) -> None:
+    cfg = tt.bench_config(500_000, tmp_path, 2, None, ["model.embed_dim=32", "train.lr=0.01"])
+    assert cfg.data.source == "synthetic"
+    assert cfg.data.synthetic.n_interactions == 500_000
+    assert (cfg.data.synthetic.n_users, cfg.data.synthetic.n_items) == (5_000, 1_000)
+    assert cfg.lake == str(tmp_path / "lake")
+    assert (cfg.model.name, cfg.model.embed_dim, cfg.train.lr) == ("mf", 32, 0.01)
+    assert cfg.train.refit and cfg.train.epochs == 2 and cfg.train.cpus_per_worker < 1
+    assert tt.fit_splits(cfg) == ("train", "valid")
+
+
+def test_plain_loop_sees_every_row_once_per_epoch_and_learns(tiny_dataset) -> None:
+    cfg = tt.bench_config(1_000, Path("/unused"), 3, None, ["train.batch_size=64"])
+    cfg = cfg.model_copy(
+        update={"model": ModelArgs(name="mf", embed_dim=16, num_negatives=10_000, temperature=0.2)}
+    )
+    users, items = tt.interaction_tensors(tiny_dataset, ("train",))
+    rec = tt.plain_model(cfg, tiny_dataset, tiny_dataset.csr("train"))
+    epochs = tt.plain_epochs(rec.module, users, items, 64, 0.02, 3)
+    assert [e["interactions"] for e in epochs] == [len(users)] * 3
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+    assert all(0.0 <= sum(e["step_split"].values()) <= 1.01 for e in epochs)  # rounded
+
+
+def test_run_plain_reports_threads_and_parameters(tiny_dataset) -> None:
+    cfg = tt.bench_config(1_000, Path("/unused"), 1, None, ["model.embed_dim=8"])
+    threads = torch.get_num_threads()
+    try:
+        out = tt.run_plain(cfg, tiny_dataset, 1, tt.PLAIN_1T)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["variant"] == tt.PLAIN_1T and out["torch_threads"] == 1
+    assert out["parameters"] == (tiny_dataset.n_users + tiny_dataset.n_items) * 8
+    assert out["epochs"][0]["interactions"] == tiny_dataset.csr("train", "valid").nnz
+
+
+def test_summarise_ratios_against_plain_and_best_plain() -> None:
+    variants = [
+        _variant("plain", [1_000, 3_000, 2_000]),  # median 2000
+        _variant("plain_1t", [4_000]),
+        _variant("ray_1w", [1_000]),
+        _variant("ray_2w", [1_900]),
+    ]
+    s = tt.summarise(variants)
+    assert s["interactions_per_s"]["plain"] == 2_000
+    assert s["ratios"]["ray_2w_vs_plain"] == pytest.approx(0.95)
+    assert s["ratios"]["ray_2w_vs_best_plain"] == pytest.approx(0.475)
+    assert s["ratios"]["ray_1w_vs_plain"] == pytest.approx(0.5)
+    assert s["target"]["met"]
+    assert not tt.summarise(variants[:2] + [_variant("ray_2w", [1_000])])["target"]["met"]
+
+
+def test_time_to_quality_uses_the_first_point_at_the_target() -> None:
+    def curve(values: list[float], step_s: float) -> list[dict]:
+        return [
+            {"step": i + 1, "train_s": step_s * (i + 1), tt.VALID_METRIC: v}
+            for i, v in enumerate(values)
+        ]
+
+    als = {"unit": "iteration", "curve": curve([0.05, 0.08, 0.10, 0.09], 0.5)}
+    mf = {"unit": "epoch", "curve": curve([0.02, 0.06, 0.096, 0.11], 10.0)}
+    s = tt.summarise_quality(mf, als, 0.95)
+    assert s["target"][tt.VALID_METRIC] == pytest.approx(0.095)
+    assert s["implicit_als"]["reached_target"] == {"step": 3, "train_s": 1.5}
+    assert s["scalerec_mf"]["reached_target"] == {"step": 3, "train_s": 30.0}
+    assert s["scalerec_mf"]["best_at_epoch"] == 4
+    assert s["time_to_target_ratio_mf_over_als"] == pytest.approx(20.0)
+    assert tt.time_to_target(mf["curve"], 0.5) is None
+
+
+def test_table_and_notes_render_a_result() -> None:
+    plain = _variant(
+        "plain", [2_000], torch_threads=2, parameters=1_000, loadavg_1m_before_after=[5.0, 6.0]
+    )
+    plain["epochs"][0] |= {
+        "ms_per_step": 10.0,
+        "step_split": {"batching": 0.01, "forward_backward": 0.6, "adam": 0.3},
+    }
+    variants = [
+        plain,
+        _variant("plain_1t", [3_000], torch_threads=1),
+        _variant("ray_1w", [1_500], setup_s=5.0),
+        _variant("ray_2w", [1_800], setup_s=6.0),
+    ]
+    variants[-1]["rows_per_step"] = 2048
+    result = {
+        "variants": variants,
+        "summary": tt.summarise(variants),
+        "ray": {"startup_s": 3.0},
+        "probes": {
+            "gloo_allreduce_2_ranks": {"megabytes": 1.0, "ms_per_allreduce": 2.0},
+            "ray_data_iter_torch_batches": {"rows_per_s": 300_000},
+        },
+        "machine": {"cpu_count": 2, "loadavg_before": [5.0], "loadavg_after": [6.0]},
+    }
+    text = tt.table(result)
+    assert "ray_2w_vs_plain: 0.9 (target >= 0.9): met" in text
+    assert "ray_1w" in text and "0.75" in text
+    joined = " ".join(tt.notes(result))
+    assert "faster on 1 torch thread" in joined and "plain 5.0→6.0" in joined
+    assert "1,000 parameters" in joined
+    assert "100x the fastest training rate" in joined
+
+
+@pytest.mark.slow
+def test_allreduce_probe_times_two_gloo_ranks() -> None:
+    out = tt.allreduce_probe(1_000, steps=2)
+    assert out["floats"] == 1_000 and out["ms_per_allreduce"] > 0
