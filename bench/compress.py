@@ -23,6 +23,7 @@ from app.compress import MODES, EmbeddingTable, QuantizedRecommender, state_nbyt
 from app.config import DataArgs, ModelArgs
 from app.evaluate import evaluate, top_k
 from app.model import build_model
+from bench.quality import train_plain
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
 ML_SMALL = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small")
@@ -42,20 +43,8 @@ def _train_mf(train: Any, epochs: int, seed: int = 0) -> Any:
     n_users, n_items = train.shape
     args = ModelArgs(name="mf", embed_dim=64, num_negatives=n_items, temperature=0.1)
     model = build_model(args, n_users, n_items, seed=seed)
-    model.set_train(train)
-    coo = train.tocoo()
-    users = torch.from_numpy(coo.row.astype(np.int64))
-    items = torch.from_numpy(coo.col.astype(np.int64))
-    opt = torch.optim.Adam(model.module.parameters(), lr=0.005)
-    gen = torch.Generator().manual_seed(seed)
-    model.module.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(users), generator=gen)
-        for start in range(0, len(perm), 1024):
-            b = perm[start : start + 1024]
-            opt.zero_grad()
-            model.loss(users[b], items[b]).backward()
-            opt.step()
+    for _ in train_plain(model, train, epochs, seed):
+        pass
     return model
 
 

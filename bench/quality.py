@@ -327,7 +327,7 @@ def run_closed_form(data: Splits, quick: bool) -> list[dict]:
     return rows
 
 
-def _train_plain(model: Any, fit_csr: sp.csr_matrix, epochs: int, seed: int = 0) -> Iterable[int]:
+def train_plain(model: Any, fit_csr: sp.csr_matrix, epochs: int, seed: int = 0) -> Iterable[int]:
     """Adam over shuffled (user, item) pairs with the model's own loss; yields after each epoch."""
     model.set_train(fit_csr)
     coo = fit_csr.tocoo()
@@ -370,7 +370,7 @@ def run_torch(data: Splits, family: str, max_epochs: int, eval_every: int) -> di
     history, target = data.stage("valid")
     model = build()
     trials, best = [], (-1.0, 0)
-    for epoch in _train_plain(model, history, max_epochs):
+    for epoch in train_plain(model, history, max_epochs):
         if epoch % eval_every and epoch != max_epochs:
             continue
         ndcg = _metrics(lambda u: model.score(u, history[u]), history, target)[f"ndcg@{K}"]
@@ -380,7 +380,7 @@ def run_torch(data: Splits, family: str, max_epochs: int, eval_every: int) -> di
     valid_ndcg, epochs = best
     history, target = data.stage("test")
     model = build()
-    for _ in _train_plain(model, history, epochs):
+    for _ in train_plain(model, history, epochs):
         pass
     test = _metrics(lambda u: model.score(u, history[u]), history, target)
     seconds = time.perf_counter() - t0
