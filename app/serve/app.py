@@ -46,8 +46,8 @@ from app.serve.http import (
     SimilarResponse,
 )
 from app.serve.metrics import ServeMetrics
-from app.serve.ranker import Ranker
-from app.serve.retriever import Candidates, Retriever
+from app.serve.ranker import Ranker, RankRules
+from app.serve.retriever import Candidates, ModelVersions, Retriever
 from app.serve.retriever import Query as RetrievalQuery
 from app.serve.store import Catalogue, EventLog, ServingPointer, load_catalogue
 
@@ -169,13 +169,28 @@ class Ingress:
         version: str,
         app_id: str,
         token_sha256: str | None,
-        retriever: DeploymentHandle,
-        ranker: DeploymentHandle,
+        retriever: DeploymentHandle | None = None,
+        ranker: DeploymentHandle | None = None,
     ) -> None:
         self.args = ServeAppArgs.model_validate(args)
         self.lake = Lake(self.args.lake)
         self.retriever = retriever
         self.ranker = ranker
+        # Scoring in this replica (``colocate_scoring``) replaces both handles.
+        self.local: ModelVersions | None = None
+        self.rules: RankRules | None = None
+        if retriever is None:
+            self.local = ModelVersions(
+                self.lake,
+                self.args.name,
+                self.args.quantize,
+                self.args.ann_min_items,
+                self.args.ann_ef_search,
+            )
+            self.local.load_sync(version)
+            self.rules = RankRules(
+                self.lake, self.args.name, self.args.max_per_genre, list(self.args.blocked_items)
+            )
         env_token = os.environ.get(self.args.admin_token_env)
         self.token_sha256 = _hash(env_token) if env_token else token_sha256
         self.metrics = ServeMetrics("ingress")
@@ -190,7 +205,10 @@ class Ingress:
         self.events.refresh(force=True)
         self._switching: asyncio.Task[None] | None = None
         self._batched: Coalescer[tuple[RetrievalQuery, int], Candidates] = Coalescer(
-            self._retrieve, self.args.max_batch_size, self.args.max_in_flight
+            self._retrieve,
+            self.args.max_batch_size,
+            self.args.max_in_flight,
+            self.args.batch_wait_timeout_s,
         )
         self.metrics.set_version(self.state.version)
         self._warm(self.state)
@@ -247,7 +265,7 @@ class Ingress:
     async def _switch(self, version: str) -> None:
         try:
             state = await asyncio.to_thread(self._load_state, version)
-            await self.retriever.warm.remote(state.version)
+            await self._warm_models(state.version)
             await asyncio.to_thread(self._warm, state)
             self.state = state
             self.metrics.set_version(state.version)
@@ -258,9 +276,25 @@ class Ingress:
 
     # -- retrieval ------------------------------------------------------------------------
 
+    async def _warm_models(self, version: str, calls: int = 1) -> None:
+        """Load ``version`` for scoring: here, or on retriever replicas (``calls`` tries)."""
+        if self.local is not None:
+            await self.local.get(version)
+        else:
+            assert self.retriever is not None
+            await asyncio.gather(*(self.retriever.warm.remote(version) for _ in range(calls)))
+
     async def _retrieve(self, calls: list[tuple[RetrievalQuery, int]]) -> list[Candidates]:
-        # One handle call per batch of HTTP requests (see ``Coalescer``): the proxy→ingress hop
-        # is per request, but ingress→retriever(→ranker) is per batch.
+        # One scoring pass per batch of HTTP requests (see ``Coalescer``): the proxy→ingress
+        # hop is per request, but ingress→retriever(→ranker) is per batch.
+        if self.local is not None:
+            assert self.rules is not None
+            self.metrics.batch_size.observe(len(calls))
+            cands = await self.local.score([q for q, _ in calls], offload=True)
+            if self.args.ranker_active:
+                cands = self.rules.rank(cands, [k for _, k in calls])
+            return cands
+        assert self.retriever is not None and self.ranker is not None
         response = self.retriever.retrieve.remote([q for q, _ in calls])
         if self.args.ranker_active:
             response = self.ranker.rank.remote(response, [k for _, k in calls])
@@ -369,7 +403,11 @@ class Ingress:
         hit = self.cache.get(key)
         if hit is not None:
             return _json(hit.model_copy(update={"cached": True}))
-        cand: Candidates = await self.retriever.similar.remote(state.version, idx, k)
+        if self.local is not None:
+            cand = (await self.local.get(state.version)).similar(idx, k)
+        else:
+            assert self.retriever is not None
+            cand = await self.retriever.similar.remote(state.version, idx, k)
         answer = SimilarResponse(
             item_id=item_id,
             items=_items(state.catalogue, cand),
@@ -428,9 +466,9 @@ class Ingress:
         previous = self._sync().version
         version = resolve(self.lake, self.args.name, body.model)
         state = await asyncio.to_thread(self._load_state, version)
-        # Load the model on the retriever replicas before anyone asks for it (each call lands
-        # on some replica; the others load on first use, which delays but never fails).
-        await asyncio.gather(*(self.retriever.warm.remote(version) for _ in range(4)))
+        # Load the model before anyone asks for it (each retriever call lands on some replica;
+        # the others load on first use, which delays but never fails).
+        await self._warm_models(version, calls=4)
         self.pointer.write(version, previous=previous, ref=body.model)
         await asyncio.to_thread(self._warm, state)
         self.state = state
@@ -464,6 +502,14 @@ def build_application(
     version = resolve(lake, args.name, args.model)
     token = os.environ.get(args.admin_token_env)
     opts = deployments or {}
+    ingress_args = (
+        args.model_dump(mode="json"),
+        version,
+        uuid.uuid4().hex[:12],
+        _hash(token) if token else None,
+    )
+    if args.colocate_scoring:  # one deployment: the ingress scores and ranks itself
+        return Ingress.options(**opts.get("Ingress", {})).bind(*ingress_args)
     retriever = Retriever.options(**opts.get("Retriever", {})).bind(
         args.lake,
         args.name,
@@ -471,18 +517,13 @@ def build_application(
         args.max_batch_size,
         args.batch_wait_timeout_s,
         args.quantize,
+        args.ann_min_items,
+        args.ann_ef_search,
     )
     ranker = Ranker.options(**opts.get("Ranker", {})).bind(
         args.lake, args.name, args.max_per_genre, list(args.blocked_items)
     )
-    return Ingress.options(**opts.get("Ingress", {})).bind(
-        args.model_dump(mode="json"),
-        version,
-        uuid.uuid4().hex[:12],
-        _hash(token) if token else None,
-        retriever,
-        ranker,
-    )
+    return Ingress.options(**opts.get("Ingress", {})).bind(*ingress_args, retriever, ranker)
 
 
 def build_app(args: ServeAppArgs) -> Application:

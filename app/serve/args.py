@@ -35,6 +35,11 @@ class ServeAppArgs(ServeArgs):
     """Most events in one ``POST /events`` batch."""
     max_context_items: int = Field(500, ge=0)
     """Most context or exclusion items in one ``POST /recommend``."""
+    colocate_scoring: bool = False
+    """Score (and rank) inside each ingress replica instead of calling the ``Retriever`` and
+    ``Ranker`` deployments: no handle hop per batch, the item table loaded once per ingress
+    replica. Fastest on one machine (see bench/serve.py); keep the deployment graph where
+    retrieval must scale apart from HTTP handling or the table is large."""
     warm_cache: bool = False
     """Fill the answer cache at start and on reload from ``<lake>/predictions/<served version>/``
     (``python -m jobs.batch_predict``), when they exist and no ranker rule is set."""

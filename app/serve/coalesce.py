@@ -6,10 +6,14 @@ the one or two requests that arrived, and the batches then queue behind
 ``max_concurrent_batches``. Under load that means one handle call per request, executed one
 after another (measured on 2 cores: 1.06 requests per retriever call at 8 concurrent clients).
 
-``Coalescer`` batches the other way round: a call starts at once when fewer than
-``max_in_flight`` are running (no wait at low load), and everything that arrives while the
-calls are busy goes out together in the next one (batches grow with load, up to
-``max_batch``).
+``Coalescer`` batches the other way round: a call starts when fewer than ``max_in_flight``
+are running, and everything that arrives while the calls are busy goes out together in the
+next one (batches grow with load, up to ``max_batch``).
+
+With ``max_wait_s`` > 0 a batch that is not full first lets the event loop turn over until no
+new item joined for two turns (requests already read from sockets reach the batch by then),
+waiting at most ``max_wait_s``. Idle, that costs microseconds; under load it lets a wave of
+requests that arrived together go out together instead of as 1 + the rest.
 """
 
 from __future__ import annotations
@@ -29,16 +33,26 @@ class Coalescer(Generic[T, R]):
         fn: Async function from a list of items to the list of their results (same order).
         max_batch: Most items in one call.
         max_in_flight: Most concurrent calls (2 keeps the callee busy while one answer travels).
+        max_wait_s: Longest the oldest waiting item waits for a batch to fill (0: send at once).
     """
 
     def __init__(
-        self, fn: Callable[[list[T]], Awaitable[list[R]]], max_batch: int, max_in_flight: int = 2
+        self,
+        fn: Callable[[list[T]], Awaitable[list[R]]],
+        max_batch: int,
+        max_in_flight: int = 2,
+        max_wait_s: float = 0.0,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be >= 1")
+        if max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
         self.fn = fn
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.max_wait_s = max_wait_s
+        self._settling = False
+        self._deadline = 0.0
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -48,19 +62,45 @@ class Coalescer(Generic[T, R]):
 
     async def __call__(self, item: T) -> R:
         """Result of ``item``, computed in whichever batch it joins."""
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        if not self._pending:
+            self._deadline = loop.time() + self.max_wait_s
         self._pending.append((item, fut))
         self._kick()
         return await fut
 
     def _kick(self) -> None:
+        """Send what is pending once a call slot is free and the batch is full or settled."""
+        if not self._pending or self._in_flight >= self.max_in_flight or self._settling:
+            return  # a finishing call or the settling callback kicks again
+        if len(self._pending) >= self.max_batch or not self.max_wait_s:
+            self._send()
+            return
+        # Not full: let the event loop turn over until no request joined for two turns (the
+        # rest of a wave has been read and parsed by then), or until ``max_wait_s`` is over.
+        self._settling = True
+        asyncio.get_running_loop().call_soon(self._settle, len(self._pending), 0)
+
+    def _settle(self, seen: int, quiet: int) -> None:
+        loop = asyncio.get_running_loop()
+        n = len(self._pending)
+        quiet = quiet + 1 if n == seen else 0
+        if n >= self.max_batch or quiet >= 2 or loop.time() >= self._deadline:
+            self._settling = False
+            self._send()
+        else:
+            loop.call_soon(self._settle, n, quiet)
+
+    def _send(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending and self._in_flight < self.max_in_flight:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             self._in_flight += 1
             self.calls += 1
             self.items += len(batch)
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = loop.create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -41,12 +41,15 @@ def rerank(
     return Candidates(cand.version, cand.items[pos_arr], cand.scores[pos_arr])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
-class Ranker:
-    """Blocked-item filter and genre diversity cap over retrieved candidates."""
+class RankRules:
+    """The ranker's rules with each model version's item genres and blocked items.
 
-    def __init__(self, lake: str, name: str, max_per_genre: int, blocked_items: list[str]) -> None:
-        self.lake = Lake(lake)
+    Shared by the ``Ranker`` deployment and an ingress that ranks in its own replica
+    (``colocate_scoring``).
+    """
+
+    def __init__(self, lake: Lake, name: str, max_per_genre: int, blocked_items: list[str]) -> None:
+        self.lake = lake
         self.name = name
         self.max_per_genre = max_per_genre
         self.blocked_ids = set(blocked_items)
@@ -75,6 +78,18 @@ class Ranker:
             genres, blocked = self._catalogue(cand.version)
             out.append(rerank(cand, k, genres, blocked, self.max_per_genre))
         return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+class Ranker:
+    """Blocked-item filter and genre diversity cap over retrieved candidates."""
+
+    def __init__(self, lake: str, name: str, max_per_genre: int, blocked_items: list[str]) -> None:
+        self.rules = RankRules(Lake(lake), name, max_per_genre, blocked_items)
+
+    def rank(self, candidates: list[Candidates], ks: list[int]) -> list[Candidates]:
+        """Rerank each candidate list to its ``k``."""
+        return self.rules.rank(candidates, ks)
 
 
 def dataset_of(lake: Lake, name: str, version: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -435,11 +436,67 @@ def test_serve_configs_validate(path: str) -> None:
 
     run = load_serve_config(path, ["model=staging", "cache_size=0"])
     assert run.args.model == "staging" and run.args.cache_size == 0
-    assert set(run.deployments) == {"Ingress", "Retriever", "Ranker"}
-    for name in ("Ingress", "Retriever"):
+    # A colocated app is one deployment; the graph has all three.
+    expected = {"Ingress"} if run.args.colocate_scoring else {"Ingress", "Retriever", "Ranker"}
+    assert set(run.deployments) == expected
+    for name in sorted(expected - {"Ranker"}):
         auto = run.deployments[name]["autoscaling_config"]
         assert auto["min_replicas"] <= auto["max_replicas"]
         assert run.deployments[name]["max_ongoing_requests"] > auto["target_ongoing_requests"]
+
+
+def test_colocated_scoring_answers_like_the_deployment_graph(
+    served: str, lake_with_models: tuple[Lake, list[str]]
+) -> None:
+    """``colocate_scoring``: the same answers (retrieval, ranker rules, similar) in one replica."""
+    from ray import serve
+
+    lake, _ = lake_with_models
+    serving = requests.get(f"{served}/healthz", timeout=TIMEOUT).json()["model_version"]
+    args = ServeAppArgs(
+        lake=lake.uri,
+        name=NAME,
+        model=serving,  # whatever earlier reload tests left the graph app serving
+        admin_token_env=TOKEN_ENV,
+        max_k=20,
+        max_per_genre=3,
+        cache_size=0,
+        colocate_scoring=True,
+        batch_wait_timeout_s=0.002,
+    )
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    app = build_application(args, {"Ingress": small})
+    serve.run(app, name="scalerec-colocated", route_prefix="/co", blocking=False)
+    try:
+        _wait_healthy(f"{served}/co")
+        status = serve.status().applications["scalerec-colocated"]
+        assert set(status.deployments) == {"Ingress"}  # no Retriever / Ranker replicas
+        personal = {}
+        for user in ("u0", "u5", "u42", "nobody"):
+            graph = requests.get(f"{served}/recommend/{user}?k=8", timeout=TIMEOUT).json()
+            local = requests.get(f"{served}/co/recommend/{user}?k=8", timeout=TIMEOUT).json()
+            personal[user] = local
+            assert [i["item_id"] for i in local["items"]] == [i["item_id"] for i in graph["items"]]
+            assert local["strategy"] == graph["strategy"]
+            assert local["model_version"] == graph["model_version"] == serving
+        assert personal["u0"]["strategy"] == "personal"
+        genres = Counter(int(i["item_id"][1:]) // ITEMS_PER_GROUP for i in personal["u0"]["items"])
+        assert max(genres.values()) <= 3  # the ranker's genre cap applied in the replica
+        sim = requests.get(f"{served}/co/similar/i3?k=5", timeout=TIMEOUT).json()
+        ref = requests.get(f"{served}/similar/i3?k=5", timeout=TIMEOUT).json()
+        assert [i["item_id"] for i in sim["items"]] == [i["item_id"] for i in ref["items"]]
+        # Concurrent requests are batched in the replica and each gets its own answer.
+        users = [f"u{i}" for i in range(0, N_USERS, 3)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(
+                    lambda u: requests.get(f"{served}/co/recommend/{u}", timeout=TIMEOUT).json(),
+                    users,
+                )
+            )
+        assert [a["user_id"] for a in answers] == users
+    finally:
+        serve.delete("scalerec-colocated")
 
 
 def test_typed_builder_from_import_path(lake_with_models: tuple[Lake, list[str]]) -> None:

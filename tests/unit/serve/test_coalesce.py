@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -95,3 +96,44 @@ def test_wrong_result_length_is_an_error_not_a_hang() -> None:
 def test_bad_limits_are_rejected() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         Coalescer(Recorder(), max_batch=0)
+
+
+async def _arrive_over_turns(c: Coalescer[int, int], n: int, gap_turns: int) -> list[int]:
+    """``n`` callers, each joining ``gap_turns`` event-loop turns after the previous one."""
+
+    async def late(i: int) -> int:
+        for _ in range(i * gap_turns):
+            await asyncio.sleep(0)
+        return await c(i)
+
+    return list(await asyncio.gather(*(late(i) for i in range(n))))
+
+
+def test_wave_spread_over_loop_turns_goes_out_together_with_max_wait() -> None:
+    # Requests read from sockets reach the batch over a few event-loop turns, not at once.
+    waited, eager = Recorder(delay_s=0.0), Recorder(delay_s=0.0)
+
+    async def main() -> None:
+        c: Coalescer[int, int] = Coalescer(waited, max_batch=8, max_in_flight=1, max_wait_s=1.0)
+        assert await _arrive_over_turns(c, 6, gap_turns=1) == [0, 2, 4, 6, 8, 10]
+        e: Coalescer[int, int] = Coalescer(eager, max_batch=8, max_in_flight=1)
+        assert await _arrive_over_turns(e, 6, gap_turns=1) == [0, 2, 4, 6, 8, 10]
+
+    asyncio.run(main())
+    assert waited.batches == [[0, 1, 2, 3, 4, 5]]
+    assert eager.batches[0] == [0]  # no wait: the first request leaves alone
+
+
+def test_max_wait_bounds_the_wait_and_quiet_turns_end_it_early() -> None:
+    fn = Recorder(delay_s=0.0)
+
+    async def main() -> float:
+        c: Coalescer[int, int] = Coalescer(fn, max_batch=8, max_in_flight=1, max_wait_s=5.0)
+        t0 = time.perf_counter()
+        assert await c(7) == 14  # alone and idle: settles after two quiet turns, not 5 s
+        return time.perf_counter() - t0
+
+    assert asyncio.run(main()) < 1.0
+    assert fn.batches == [[7]]
+    with pytest.raises(ValueError, match="max_wait_s"):
+        Coalescer(Recorder(), max_batch=1, max_wait_s=-1.0)
