@@ -8,12 +8,13 @@ search that releases the GIL, and years of production use. ``bench/retrieval.py`
 its recall@10 against exact search and its speed on the same vectors.
 
 Graph search needs a metric, and inner product is not one (an item is not its own nearest
-neighbour when others have larger norms): measured on clustered vectors, an inner-product HNSW
-found 64 % of the exact top-10 where this reduction finds 71 % (queries far from every item)
-to 100 % (queries among the items) at the same search effort. The index therefore uses the standard reduction of maximum
-inner product search to nearest neighbours: items become ``[x, sqrt(M² - |x|²)]`` with ``M``
-the largest item norm, queries ``[q, 0]``, and the L2 order of those is exactly the inner
-product order. Candidates are then rescored with the true inner products.
+neighbour when others have larger norms). The index therefore uses the standard reduction of
+maximum inner product search to nearest neighbours: items become ``[x, sqrt(M² - |x|²)]`` with
+``M`` the largest item norm, queries ``[q, 0]``, and the L2 order of those is exactly the
+inner product order. Candidates are then rescored with the true inner products. Measured on
+clustered vectors at the same search effort, an inner-product HNSW found 64 % of the exact
+top-10 for queries far from every item, this reduction 71 %; for queries among the items
+(users near what they like) it finds 100 %. Far queries need more effort (``ef_search``).
 
 Excluded items (the user's history) cannot be skipped inside the graph search cheaply, so a
 query fetches ``k + len(exclude)`` neighbours and drops the excluded ones; a row left with
