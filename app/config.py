@@ -227,9 +227,10 @@ class ServeArgs(_Args):
     """
     quantize: Literal["none", "fp16", "int8"] = "none"
     """Compressed embedding variant to serve."""
-    ann_min_items: int = Field(1_000_000, ge=0)
+    ann_min_items: int | None = Field(None, ge=0)
     """Catalogues with at least this many items are searched with a faiss HNSW index
-    (approximate, ``app/serve/ann.py``); smaller ones exactly. 0: always approximate."""
+    (approximate, ``app/serve/ann.py``), smaller ones exactly; None (default): always exact.
+    Recall depends on the embeddings: check it with ``python -m bench.retrieval`` first."""
     ann_ef_search: int = Field(256, ge=1)
     """HNSW search effort per query: higher is closer to exact and slower."""
     admin_token_env: str = "SCALEREC_ADMIN_TOKEN"

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 KEEP_VERSIONS = 2
 """Model versions a replica keeps loaded (the served one and the previous one)."""
 
-DEFAULT_ANN_MIN_ITEMS = 1_000_000
-"""Catalogue size from which retrieval is approximate (HNSW) unless configured otherwise."""
+DEFAULT_ANN_MIN_ITEMS: int | None = None
+"""Catalogue size from which retrieval is approximate (HNSW); None: always exact."""
 
 
 @dataclass
@@ -129,8 +129,7 @@ class LoadedModel:
         quantize: ``none`` scores with the fp32 item table (``top_k_dot``); ``fp16`` / ``int8``
             serve the compressed variant (``app.compress``): its table's ``search``.
         ann_min_items: fp32 item tables with at least this many rows are searched with a faiss
-            HNSW index (``app.serve.ann``) instead of exactly; 0 always, never when larger
-            than the catalogue.
+            HNSW index (``app.serve.ann``) instead of exactly; None: always exact.
         ann_ef_search: HNSW search effort per query (recall against speed).
     """
 
@@ -139,7 +138,7 @@ class LoadedModel:
         model: Recommender,
         record: ModelRecord,
         quantize: str = "none",
-        ann_min_items: int = DEFAULT_ANN_MIN_ITEMS,
+        ann_min_items: int | None = DEFAULT_ANN_MIN_ITEMS,
         ann_ef_search: int = 256,
     ) -> None:
         emb = model.item_embeddings()
@@ -154,7 +153,12 @@ class LoadedModel:
         self.items: np.ndarray | None = None if emb is None else item_matrix(emb)
         self._normed: torch.Tensor | None = None
         self.ann: AnnIndex | None = None
-        if self.items is not None and self.table is None and len(self.items) >= ann_min_items:
+        big = (
+            ann_min_items is not None
+            and self.items is not None
+            and len(self.items) >= ann_min_items
+        )
+        if self.items is not None and self.table is None and big:
             self.ann = AnnIndex(self.items, ef_search=ann_ef_search)
             log.info("%s: HNSW index over %d items", self.version, len(self.items))
 
@@ -242,7 +246,7 @@ class ModelVersions:
         lake: Lake,
         name: str,
         quantize: str = "none",
-        ann_min_items: int = DEFAULT_ANN_MIN_ITEMS,
+        ann_min_items: int | None = DEFAULT_ANN_MIN_ITEMS,
         ann_ef_search: int = 256,
     ) -> None:
         self.lake = lake
@@ -303,7 +307,7 @@ class Retriever:
         max_batch_size: int,
         batch_wait_timeout_s: float,
         quantize: str = "none",
-        ann_min_items: int = DEFAULT_ANN_MIN_ITEMS,
+        ann_min_items: int | None = DEFAULT_ANN_MIN_ITEMS,
         ann_ef_search: int = 256,
     ) -> None:
         self.versions = ModelVersions(Lake(lake), name, quantize, ann_min_items, ann_ef_search)
