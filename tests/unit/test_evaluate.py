@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import posixpath
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
@@ -251,43 +248,11 @@ def test_metrics_table() -> None:
 
 
 # --- the jobs.evaluate entry point ---
-def _write_dataset(lake, name: str, version: str, splits: dict[str, sp.csr_matrix]) -> None:
-    from app.dataset import INTERACTION_SCHEMA, datasets_root
-
-    rel = posixpath.join(datasets_root(name), version)
-    n_users, n_items = splits["train"].shape
-    for split, m in splits.items():
-        coo = m.tocoo()
-        table = pa.table(
-            {
-                "user_idx": coo.row.astype(np.int32),
-                "item_idx": coo.col.astype(np.int32),
-                "timestamp": np.zeros(coo.nnz, np.int64),
-                "weight": np.ones(coo.nnz, np.float32),
-            },
-            schema=INTERACTION_SCHEMA,
-        )
-        lake.fs.makedirs(lake.path(rel, split), exist_ok=True)
-        pq.write_table(table, lake.path(rel, split, "part-0.parquet"))
-    items = pa.table(
-        {
-            "item_idx": np.arange(n_items, dtype=np.int32),
-            "item_id": [str(i) for i in range(n_items)],
-            "genres": [["a"] for _ in range(n_items)],
-        }
-    )
-    pq.write_table(items, lake.path(rel, "items.parquet"))
-    lake.write_json(
-        posixpath.join(rel, "manifest.json"),
-        {"n_users": n_users, "n_items": n_items, "created_at": "2026-01-01T00:00:00"},
-    )
-
-
 @pytest.mark.slow  # a second Ray Data actor pool
 def test_run_writes_test_metrics(ray_session: None, tmp_path, monkeypatch) -> None:
     import app.model
     from app.config import load_config
-    from app.dataset import load_dataset
+    from app.dataset import load_dataset, write_dataset
     from app.lake import Lake
     from app.registry import get_record, register, registry_name
 
@@ -295,7 +260,9 @@ def test_run_writes_test_metrics(ray_session: None, tmp_path, monkeypatch) -> No
     train, test = _random_split(n_users, n_items, seed=11)
     valid = _csr([[int(np.argmin(train[u].toarray()))] for u in range(n_users)], n_items)
     lake = Lake(str(tmp_path / "lake"))
-    _write_dataset(lake, "tiny", "v1", {"train": train, "valid": valid, "test": test})
+    ids = [str(i) for i in range(max(n_users, n_items))]
+    splits = {"train": train, "valid": valid, "test": test}
+    write_dataset(lake, "tiny", "v1", splits, ids[:n_users], ids[:n_items], [["a"]] * n_items)
     cfg = load_config(
         overrides=[f"lake={lake.uri}", "data.source=synthetic", "data.name=tiny", "model.name=mf"]
     )
