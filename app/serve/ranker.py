@@ -90,9 +90,3 @@ class Ranker:
     def rank(self, candidates: list[Candidates], ks: list[int]) -> list[Candidates]:
         """Rerank each candidate list to its ``k``."""
         return self.rules.rank(candidates, ks)
-
-
-def dataset_of(lake: Lake, name: str, version: str) -> tuple[str, str]:
-    """``(dataset name, dataset version)`` a model version was trained on."""
-    info = get_record(lake, name, version).lineage["dataset"]
-    return str(info["name"]), str(info["version"])
