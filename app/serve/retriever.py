@@ -153,12 +153,12 @@ class LoadedModel:
         self.items: np.ndarray | None = None if emb is None else item_matrix(emb)
         self._normed: torch.Tensor | None = None
         self.ann: AnnIndex | None = None
-        big = (
-            ann_min_items is not None
-            and self.items is not None
+        if (
+            self.items is not None
+            and self.table is None
+            and ann_min_items is not None
             and len(self.items) >= ann_min_items
-        )
-        if self.items is not None and self.table is None and big:
+        ):
             self.ann = AnnIndex(self.items, ef_search=ann_ef_search)
             log.info("%s: HNSW index over %d items", self.version, len(self.items))
 
