@@ -218,7 +218,12 @@ class ServeArgs(_Args):
     max_batch_size: int = Field(32, ge=1)
     """Most requests scored in one batch."""
     batch_wait_timeout_s: float = Field(0.0, ge=0.0)
-    """Retriever: longest a batch waits for more calls (0: take what is queued, no added wait)."""
+    """Longest a batch waits for more requests (0: take what is queued, no added wait).
+
+    In the ingress a batch waits for the *wave*, the recent peak of concurrent requests
+    (``app.serve.coalesce``): it merges a closed loop's clients into one scoring pass instead
+    of two half-size ones. An idle request never waits; after a drop in load, one batch
+    waits at most this long."""
     max_in_flight: int = Field(1, ge=1)
     """Ingress: concurrent retriever calls per replica; requests arriving meanwhile are batched.
 

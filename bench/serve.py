@@ -233,7 +233,7 @@ _HAPROXY = {
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # default 4 threads, on 2 cores
 }
-_COLOCATED = {"colocate_scoring": True, "batch_wait_timeout_s": 0.002}
+_COLOCATED = {"colocate_scoring": True, "batch_wait_timeout_s": 0.01}
 _QUIET = {"logging_config": {"enable_access_log": False}}
 VARIANTS: dict[str, dict[str, Any]] = {
     # The deployment graph (ingress -> Retriever handle) as in serve_configs/production.yaml.

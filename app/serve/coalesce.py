@@ -10,10 +10,14 @@ after another (measured on 2 cores: 1.06 requests per retriever call at 8 concur
 are running, and everything that arrives while the calls are busy goes out together in the
 next one (batches grow with load, up to ``max_batch``).
 
-With ``max_wait_s`` > 0 a batch that is not full first lets the event loop turn over until no
-new item joined for two turns (requests already read from sockets reach the batch by then),
-waiting at most ``max_wait_s``. Idle, that costs microseconds; under load it lets a wave of
-requests that arrived together go out together instead of as 1 + the rest.
+With ``max_wait_s`` > 0 a batch that is not full waits for the *wave*: as many items as
+were recently inside at once (waiting plus being computed, the peak over the last
+``window_s``), or ``max_wait_s`` after its oldest item, whichever comes first. Without it, a
+closed loop of C clients settles into two groups of C/2 (one computed while the other's
+answers travel back and its next requests arrive), and a small product costs nearly as much
+as a full one (measured here: a (B, 64) @ (64, 100k) product on one thread takes 4-6 ms for
+any B from 2 to 16). The wave merges them into one pass. An idle caller never waits: the
+peak of a lone request is 1.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ class Coalescer(Generic[T, R]):
         fn: Async function from a list of items to the list of their results (same order).
         max_batch: Most items in one call.
         max_in_flight: Most concurrent calls (2 keeps the callee busy while one answer travels).
-        max_wait_s: Longest the oldest waiting item waits for a batch to fill (0: send at once).
+        max_wait_s: Longest the oldest waiting item waits for the wave (0: send at once).
+        window_s: How long a peak of concurrent items sets the wave size.
     """
 
     def __init__(
@@ -42,19 +47,26 @@ class Coalescer(Generic[T, R]):
         max_batch: int,
         max_in_flight: int = 2,
         max_wait_s: float = 0.0,
+        window_s: float = 1.0,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be >= 1")
-        if max_wait_s < 0:
-            raise ValueError("max_wait_s must be >= 0")
+        if max_wait_s < 0 or window_s <= 0:
+            raise ValueError("max_wait_s must be >= 0 and window_s > 0")
         self.fn = fn
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.max_wait_s = max_wait_s
-        self._settling = False
+        self.window_s = window_s
         self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._in_flight = 0
+        self._running_items = 0
+        # Peak of items inside (pending + running) in the current and the previous window.
+        self._window_start = 0.0
+        self._peak = 0
+        self._prev_peak = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0
         """Calls made so far (items / calls is the mean batch size)."""
@@ -64,33 +76,48 @@ class Coalescer(Generic[T, R]):
         """Result of ``item``, computed in whichever batch it joins."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
+        now = loop.time()
         if not self._pending:
-            self._deadline = loop.time() + self.max_wait_s
+            self._deadline = now + self.max_wait_s
         self._pending.append((item, fut))
+        self._note_peak(now, len(self._pending) + self._running_items)
         self._kick()
         return await fut
 
-    def _kick(self) -> None:
-        """Send what is pending once a call slot is free and the batch is full or settled."""
-        if not self._pending or self._in_flight >= self.max_in_flight or self._settling:
-            return  # a finishing call or the settling callback kicks again
-        if len(self._pending) >= self.max_batch or not self.max_wait_s:
-            self._send()
-            return
-        # Not full: let the event loop turn over until no request joined for two turns (the
-        # rest of a wave has been read and parsed by then), or until ``max_wait_s`` is over.
-        self._settling = True
-        asyncio.get_running_loop().call_soon(self._settle, len(self._pending), 0)
+    def wave(self) -> int:
+        """Batch size to wait for: the recent peak of concurrent items (at most ``max_batch``)."""
+        now = asyncio.get_running_loop().time()
+        self._note_peak(now, 0)
+        return max(1, min(self.max_batch, max(self._peak, self._prev_peak)))
 
-    def _settle(self, seen: int, quiet: int) -> None:
+    def _note_peak(self, now: float, inside: int) -> None:
+        if now - self._window_start >= self.window_s:
+            gone = now - self._window_start >= 2 * self.window_s
+            self._prev_peak = 0 if gone else self._peak
+            self._peak = 0
+            self._window_start = now
+        self._peak = max(self._peak, inside)
+
+    def _kick(self) -> None:
+        """Send what is pending once a call slot is free and the wave is in (or time is up)."""
+        if not self._pending or self._in_flight >= self.max_in_flight:
+            return  # a finishing call kicks again
         loop = asyncio.get_running_loop()
-        n = len(self._pending)
-        quiet = quiet + 1 if n == seen else 0
-        if n >= self.max_batch or quiet >= 2 or loop.time() >= self._deadline:
-            self._settling = False
+        if (
+            not self.max_wait_s
+            or len(self._pending) >= self.wave()
+            or loop.time() >= self._deadline
+        ):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._send()
-        else:
-            loop.call_soon(self._settle, n, quiet)
+        elif self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        self._kick()
 
     def _send(self) -> None:
         loop = asyncio.get_running_loop()
@@ -98,6 +125,7 @@ class Coalescer(Generic[T, R]):
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             self._in_flight += 1
+            self._running_items += len(batch)
             self.calls += 1
             self.items += len(batch)
             task = loop.create_task(self._run(batch))
@@ -118,4 +146,5 @@ class Coalescer(Generic[T, R]):
                     fut.set_exception(exc)
         finally:
             self._in_flight -= 1
+            self._running_items -= len(batch)
             self._kick()

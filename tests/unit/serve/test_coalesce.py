@@ -109,31 +109,74 @@ async def _arrive_over_turns(c: Coalescer[int, int], n: int, gap_turns: int) -> 
     return list(await asyncio.gather(*(late(i) for i in range(n))))
 
 
-def test_wave_spread_over_loop_turns_goes_out_together_with_max_wait() -> None:
-    # Requests read from sockets reach the batch over a few event-loop turns, not at once.
+async def _peak_of(c: Coalescer[int, int], n: int) -> None:
+    """``n`` concurrent callers: the coalescer's recent peak becomes ``n``."""
+    assert await asyncio.gather(*(c(100 + i) for i in range(n))) == [200 + 2 * i for i in range(n)]
+
+
+def test_wave_spread_over_loop_turns_goes_out_together() -> None:
+    # After a peak of 6 concurrent requests, the next 6 (read from sockets over several
+    # event-loop turns) go out as one batch instead of 1 + 5.
     waited, eager = Recorder(delay_s=0.0), Recorder(delay_s=0.0)
 
-    async def main() -> None:
-        c: Coalescer[int, int] = Coalescer(waited, max_batch=8, max_in_flight=1, max_wait_s=1.0)
-        assert await _arrive_over_turns(c, 6, gap_turns=1) == [0, 2, 4, 6, 8, 10]
+    async def main() -> float:
+        c: Coalescer[int, int] = Coalescer(waited, max_batch=8, max_in_flight=1, max_wait_s=0.2)
+        await _peak_of(c, 6)
         e: Coalescer[int, int] = Coalescer(eager, max_batch=8, max_in_flight=1)
-        assert await _arrive_over_turns(e, 6, gap_turns=1) == [0, 2, 4, 6, 8, 10]
+        await _peak_of(e, 6)
+        waited.batches.clear()
+        eager.batches.clear()
+        t0 = time.perf_counter()
+        assert await _arrive_over_turns(c, 6, gap_turns=2) == [0, 2, 4, 6, 8, 10]
+        elapsed = time.perf_counter() - t0
+        assert await _arrive_over_turns(e, 6, gap_turns=2) == [0, 2, 4, 6, 8, 10]
+        assert c.wave() == 6
+        return elapsed
 
-    asyncio.run(main())
+    elapsed = asyncio.run(main())
     assert waited.batches == [[0, 1, 2, 3, 4, 5]]
+    assert elapsed < 0.15  # the wave filled: no wait for the deadline
     assert eager.batches[0] == [0]  # no wait: the first request leaves alone
 
 
-def test_max_wait_bounds_the_wait_and_quiet_turns_end_it_early() -> None:
+def test_idle_request_never_waits() -> None:
     fn = Recorder(delay_s=0.0)
 
     async def main() -> float:
         c: Coalescer[int, int] = Coalescer(fn, max_batch=8, max_in_flight=1, max_wait_s=5.0)
         t0 = time.perf_counter()
-        assert await c(7) == 14  # alone and idle: settles after two quiet turns, not 5 s
+        assert await c(7) == 14
         return time.perf_counter() - t0
 
     assert asyncio.run(main()) < 1.0
     assert fn.batches == [[7]]
+
+
+def test_max_wait_bounds_the_wait_after_load_drops_and_the_peak_expires() -> None:
+    fn = Recorder(delay_s=0.0)
+
+    async def main() -> tuple[float, float]:
+        c: Coalescer[int, int] = Coalescer(
+            fn, max_batch=8, max_in_flight=1, max_wait_s=0.1, window_s=0.2
+        )
+        await _peak_of(c, 5)
+        t0 = time.perf_counter()
+        assert await c(7) == 14  # waits for a wave of 5 that never comes, 0.1 s at most
+        lone = time.perf_counter() - t0
+        await asyncio.sleep(0.45)  # two windows without traffic: the peak is forgotten
+        assert c.wave() == 1
+        t0 = time.perf_counter()
+        assert await c(8) == 16
+        return lone, time.perf_counter() - t0
+
+    lone, later = asyncio.run(main())
+    assert 0.08 <= lone < 0.5
+    assert later < 0.05
+    assert fn.batches[-2:] == [[7], [8]]
+
+
+def test_bad_wait_settings_are_rejected() -> None:
     with pytest.raises(ValueError, match="max_wait_s"):
         Coalescer(Recorder(), max_batch=1, max_wait_s=-1.0)
+    with pytest.raises(ValueError, match="window_s"):
+        Coalescer(Recorder(), max_batch=1, window_s=0.0)
