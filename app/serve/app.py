@@ -152,9 +152,11 @@ def warm_answers(
 
 
 def _items(cat: Catalogue, cand: Candidates) -> list[ItemScore]:
+    # Built from the catalogue and the scorer's arrays: nothing to validate.
+    ids = cat.item_ids
     return [
-        ItemScore(item_id=cat.item_ids[int(i)], score=float(s))
-        for i, s in zip(cand.items, cand.scores, strict=True)
+        ItemScore.model_construct(item_id=ids[i], score=s)
+        for i, s in zip(cand.items.tolist(), cand.scores.tolist(), strict=True)
     ]
 
 
@@ -196,7 +198,11 @@ class Ingress:
         self.metrics = ServeMetrics("ingress")
         # Through the module object: Serve pickles this class by value, so a global of this
         # module would be a copy here, not what the ASGI guard reads.
-        _replica.RUNTIME.update(max_body_bytes=self.args.max_body_bytes, metrics=self.metrics)
+        _replica.RUNTIME.update(
+            max_body_bytes=self.args.max_body_bytes,
+            metrics=self.metrics,
+            recommend=self._recommend_json,
+        )
         self.cache: TTLCache[Any] = TTLCache(self.args.cache_size, self.args.cache_ttl_s)
         self._catalogues: dict[tuple[str, str], Catalogue] = {}
         self.pointer = ServingPointer(self.lake, self.args.name, app_id, self.args.pointer_poll_s)
@@ -332,7 +338,7 @@ class Ingress:
         hv = self.events.version(user_id) if user_id else 0
         key = rec_key(state.version, user_id, hv, k, context, exclude, include_seen)
         hit = self.cache.get(key)
-        self.metrics.cache.inc(tags={"result": "hit" if hit is not None else "miss"})
+        self.metrics.count("cache", result="hit" if hit is not None else "miss")
         if hit is not None:
             return hit.model_copy(update={"cached": True})
 
@@ -356,7 +362,7 @@ class Ingress:
                 n_fetch = min(cat.n_items, 3 * k + len(self.args.blocked_items))
             query = RetrievalQuery(state.version, user_idx, history, recent, excluded, n_fetch)
             cand = await self._batched((query, k))
-        answer = RecommendResponse(
+        answer = RecommendResponse.model_construct(
             user_id=user_id,
             items=_items(cat, cand),
             model_version=cand.version,
@@ -375,12 +381,17 @@ class Ingress:
 
     # -- endpoints ------------------------------------------------------------------------
 
+    async def _recommend_json(self, user_id: str, k: int | None) -> bytes:
+        """JSON body of ``GET /recommend/{user_id}`` (also answered by the ASGI guard directly)."""
+        answer = await self._recommend(user_id, k, [], [], False)
+        return RecommendResponse.__pydantic_serializer__.to_json(answer)
+
     @api.get("/recommend/{user_id}", response_model=RecommendResponse)
     async def recommend_get(
         self, user_id: str, k: int | None = Query(None, description="List length.")
     ) -> Response:
         """Top-k items for a user; unknown users get popular items."""
-        return _json(await self._recommend(user_id, k, [], [], False))
+        return Response(await self._recommend_json(user_id, k), media_type="application/json")
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend_post(self, body: RecommendRequest) -> Response:
@@ -440,7 +451,7 @@ class Ingress:
             for e in body.events
         ]
         await asyncio.to_thread(self.events.append, rows)
-        self.metrics.events.inc(len(rows))
+        self.metrics.count("events", len(rows))
         users = dict.fromkeys(e.user_id for e in body.events)
         return EventsResponse(
             accepted=len(rows), history_versions={u: self.events.version(u) for u in users}

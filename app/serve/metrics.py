@@ -6,10 +6,40 @@ Exported on each node's Ray metrics export port as ``ray_scalerec_*`` next to Se
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import time
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BOUNDARIES_MS = [1, 2, 3, 5, 7.5, 10, 15, 20, 25, 35, 50, 75, 100, 250, 500, 1000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+FLUSH_S = 1.0
+"""Counts are added up in the replica and pushed to Ray at most this often (each push of a
+Ray metric costs tens of microseconds of the event loop; one per request per counter was
+about 7 % of a recommend request's event-loop time)."""
+
+
+class LocalCounts:
+    """Increments per (counter, tags) added up in the process until ``drain``."""
+
+    def __init__(self) -> None:
+        self._n: collections.Counter[tuple[str, tuple[tuple[str, str], ...]]] = (
+            collections.Counter()
+        )
+
+    def add(self, counter: str, n: int = 1, **tags: str) -> None:
+        """Count ``n`` for ``counter`` with ``tags``."""
+        self._n[(counter, tuple(sorted(tags.items())))] += n
+
+    def drain(self) -> list[tuple[str, dict[str, str], int]]:
+        """Everything counted since the last drain, as ``(counter, tags, n)``; then reset."""
+        out = [(name, dict(tags), n) for (name, tags), n in self._n.items() if n]
+        self._n.clear()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._n)
 
 
 class ServeMetrics:
@@ -56,6 +86,32 @@ class ServeMetrics:
         )
         self.events.set_default_tags(dict(tags))
         self._version: str | None = None
+        self.pending = LocalCounts()
+        self._flush_at: float | None = None
+
+    def count(self, counter: str, n: int = 1, **tags: str) -> None:
+        """Add ``n`` to the counter attribute ``counter`` (``requests``, ``cache``, ``events``).
+
+        Pushed to Ray within ``FLUSH_S`` (by a timer on the running event loop, or at once
+        where there is none).
+        """
+        self.pending.add(counter, n, **tags)
+        if self._flush_at is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_at = time.monotonic() + FLUSH_S
+        loop.call_later(FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        """Push the counts added up so far to Ray."""
+        self._flush_at = None
+        for name, tags, n in self.pending.drain():
+            counter: Counter = getattr(self, name)
+            counter.inc(n, tags=tags)
 
     def set_version(self, version: str) -> None:
         """Mark ``version`` as served (and the previous one as no longer served)."""

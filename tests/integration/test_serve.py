@@ -224,6 +224,22 @@ def test_recommend_get_and_post_never_return_seen(
         assert not set(ids2) & (seen | set(excl))
 
 
+def test_fast_path_answers_like_the_fastapi_route(served: str) -> None:
+    # ``?k=6`` alone is answered by the ASGI guard; an extra parameter routes the same request
+    # through FastAPI. Same list, same errors.
+    fast = _get(served, "/recommend/u11", params={"k": 6})
+    routed = _get(served, "/recommend/u11", params={"k": 6, "via": "fastapi"})
+    assert fast.status_code == routed.status_code == 200
+    assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
+    a, b = fast.json(), routed.json()
+    assert a["items"] == b["items"] and len(a["items"]) == 6
+    assert (a["cached"], b["cached"]) == (False, True)  # one cache for both paths
+    bad = _get(served, "/recommend/u11", params={"k": 0})
+    bad_routed = _get(served, "/recommend/u11", params={"k": 0, "via": "fastapi"})
+    assert bad.status_code == bad_routed.status_code == 422
+    assert bad.json() == bad_routed.json() == {"detail": "k must be between 1 and 20, got 0"}
+
+
 def test_ranker_caps_genres(served: str) -> None:
     r = _get(served, "/recommend/u1", params={"k": 9})
     genres = Counter(int(x["item_id"][1:]) // ITEMS_PER_GROUP for x in r.json()["items"])
