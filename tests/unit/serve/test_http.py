@@ -1,4 +1,4 @@
-"""The ASGI guard's fast path takes only the plain recommend GET; everything else goes to FastAPI."""
+"""The ASGI guard's fast path takes only the plain recommend GET; the rest goes to FastAPI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from app.serve.http import fast_recommend_args
 
 
 def _scope(path: str, query: bytes = b"", method: str = "GET", root: str = "") -> dict[str, Any]:
-    return {"type": "http", "method": method, "path": path, "query_string": query, "root_path": root}
+    return {"type": "http", "method": method, "path": path, "query_string": query} | {
+        "root_path": root
+    }
 
 
 @pytest.mark.parametrize(
