@@ -8,6 +8,7 @@ Run with ``python -m jobs.serve --config serve_configs/local.yaml`` or
 # annotation only when it is a class, not a string.
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from fastapi import FastAPI, Header, HTTPException, Query
+from fastapi import Header, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
@@ -37,6 +38,7 @@ from app.serve.http import (
     BodyLimitAndMetrics,
     EventsRequest,
     EventsResponse,
+    FastPathAPI,
     HealthResponse,
     ItemScore,
     RecommendRequest,
@@ -53,7 +55,7 @@ from app.serve.store import Catalogue, EventLog, ServingPointer, load_catalogue
 
 log = logging.getLogger(__name__)
 
-api = FastAPI(
+api = FastPathAPI(
     title="ScaleRec",
     description="Recommendations from the ScaleRec model registry, served by Ray Serve.",
     version="1.0",
@@ -75,6 +77,18 @@ class _State:
     version: str
     record: ModelRecord
     catalogue: Catalogue
+
+
+def _freeze_heap() -> None:
+    """Exempt what is loaded now (catalogue dicts, id lists, models) from garbage collection.
+
+    A full collection walks every tracked object: with the benchmark's catalogue (100k items,
+    20k users) loaded, about 400k objects and 240 ms per pass, a pause that lands on whichever
+    requests are in flight. Frozen objects are still freed by reference counting when a
+    reload drops them; only reference cycles among them would stay.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _hash(token: str) -> str:
@@ -254,6 +268,7 @@ class Ingress:
                 k: v for k, v in self._catalogues.items() if k == self._current_dataset()
             }
             self._catalogues[key] = load_catalogue(self.lake, *key)
+            _freeze_heap()
         return _State(record.version, record, self._catalogues[key])
 
     def _current_dataset(self) -> tuple[str, str] | None:
