@@ -49,7 +49,7 @@ from app.serve.http import (
 )
 from app.serve.metrics import ServeMetrics
 from app.serve.ranker import Ranker, RankRules
-from app.serve.retriever import Candidates, ModelVersions, Retriever
+from app.serve.retriever import Candidates, ModelVersions, Retriever, ScoringOptions
 from app.serve.retriever import Query as RetrievalQuery
 from app.serve.store import Catalogue, EventLog, ServingPointer, load_catalogue
 
@@ -196,13 +196,7 @@ class Ingress:
         self.local: ModelVersions | None = None
         self.rules: RankRules | None = None
         if retriever is None:
-            self.local = ModelVersions(
-                self.lake,
-                self.args.name,
-                self.args.quantize,
-                self.args.ann_min_items,
-                self.args.ann_ef_search,
-            )
+            self.local = ModelVersions(self.lake, self.args.name, ScoringOptions.of(self.args))
             self.local.load_sync(version)
             self.rules = RankRules(
                 self.lake, self.args.name, self.args.max_per_genre, list(self.args.blocked_items)
@@ -542,9 +536,7 @@ def build_application(
         version,
         args.max_batch_size,
         args.batch_wait_timeout_s,
-        args.quantize,
-        args.ann_min_items,
-        args.ann_ef_search,
+        ScoringOptions.of(args),
     )
     ranker = Ranker.options(**opts.get("Ranker", {})).bind(
         args.lake, args.name, args.max_per_genre, list(args.blocked_items)

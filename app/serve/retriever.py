@@ -21,6 +21,7 @@ from ray import serve
 
 from app.compress import EmbeddingTable
 from app.compress import quantize as compress_model
+from app.config import ServeArgs
 from app.lake import Lake
 from app.model import Recommender
 from app.registry import ModelRecord, load_model
@@ -33,6 +34,28 @@ KEEP_VERSIONS = 2
 
 DEFAULT_ANN_MIN_ITEMS: int | None = None
 """Catalogue size from which retrieval is approximate (HNSW); None: always exact."""
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How a process scores a registry version (one object from the Serve args down).
+
+    Attributes:
+        quantize: ``none`` scores with the fp32 item table (``top_k_dot``); ``fp16`` / ``int8``
+            serve the compressed variant (``app.compress``): its table's ``search``.
+        ann_min_items: fp32 item tables with at least this many rows are searched with a faiss
+            HNSW index (``app.serve.ann``) instead of exactly; None: always exact.
+        ann_ef_search: HNSW search effort per query (recall against speed).
+    """
+
+    quantize: str = "none"
+    ann_min_items: int | None = DEFAULT_ANN_MIN_ITEMS
+    ann_ef_search: int = 256
+
+    @classmethod
+    def of(cls, args: ServeArgs) -> ScoringOptions:
+        """The scoring options of a Serve application's arguments."""
+        return cls(args.quantize, args.ann_min_items, args.ann_ef_search)
 
 
 @dataclass
@@ -126,24 +149,16 @@ class LoadedModel:
     Args:
         model: The fitted model from the registry.
         record: Its registry record.
-        quantize: ``none`` scores with the fp32 item table (``top_k_dot``); ``fp16`` / ``int8``
-            serve the compressed variant (``app.compress``): its table's ``search``.
-        ann_min_items: fp32 item tables with at least this many rows are searched with a faiss
-            HNSW index (``app.serve.ann``) instead of exactly; None: always exact.
-        ann_ef_search: HNSW search effort per query (recall against speed).
+        options: Embedding variant and approximate search (``ScoringOptions``).
     """
 
     def __init__(
-        self,
-        model: Recommender,
-        record: ModelRecord,
-        quantize: str = "none",
-        ann_min_items: int | None = DEFAULT_ANN_MIN_ITEMS,
-        ann_ef_search: int = 256,
+        self, model: Recommender, record: ModelRecord, options: ScoringOptions | None = None
     ) -> None:
+        opts = options or ScoringOptions()
         emb = model.item_embeddings()
-        if quantize != "none" and emb is not None:
-            model = compress_model(model, quantize)
+        if opts.quantize != "none" and emb is not None:
+            model = compress_model(model, opts.quantize)
         self.model = model
         self.record = record
         self.version = record.version
@@ -156,10 +171,10 @@ class LoadedModel:
         if (
             self.items is not None
             and self.table is None
-            and ann_min_items is not None
-            and len(self.items) >= ann_min_items
+            and opts.ann_min_items is not None
+            and len(self.items) >= opts.ann_min_items
         ):
-            self.ann = AnnIndex(self.items, ef_search=ann_ef_search)
+            self.ann = AnnIndex(self.items, ef_search=opts.ann_ef_search)
             log.info("%s: HNSW index over %d items", self.version, len(self.items))
 
     def score(self, queries: list[Query]) -> list[Candidates]:
@@ -236,30 +251,20 @@ class ModelVersions:
     Args:
         lake: Lake holding the registry.
         name: Registry name.
-        quantize: Embedding variant to serve (see ``LoadedModel``).
-        ann_min_items: Catalogue size from which to search an HNSW index (see ``LoadedModel``).
-        ann_ef_search: HNSW search effort.
+        options: How to score (see ``ScoringOptions``).
     """
 
-    def __init__(
-        self,
-        lake: Lake,
-        name: str,
-        quantize: str = "none",
-        ann_min_items: int | None = DEFAULT_ANN_MIN_ITEMS,
-        ann_ef_search: int = 256,
-    ) -> None:
+    def __init__(self, lake: Lake, name: str, options: ScoringOptions | None = None) -> None:
         self.lake = lake
         self.name = name
-        self.quantize = quantize
-        self.ann = {"ann_min_items": ann_min_items, "ann_ef_search": ann_ef_search}
+        self.options = options or ScoringOptions()
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
     def load_sync(self, version: str) -> LoadedModel:
         """Load ``version`` now (blocking); evict all but the ``KEEP_VERSIONS`` newest."""
         model, record = load_model(self.lake, self.name, version)
-        loaded = LoadedModel(model, record, self.quantize, **self.ann)
+        loaded = LoadedModel(model, record, self.options)
         self.models[record.version] = loaded
         while len(self.models) > KEEP_VERSIONS:
             self.models.popitem(last=False)
@@ -306,11 +311,9 @@ class Retriever:
         version: str,
         max_batch_size: int,
         batch_wait_timeout_s: float,
-        quantize: str = "none",
-        ann_min_items: int | None = DEFAULT_ANN_MIN_ITEMS,
-        ann_ef_search: int = 256,
+        options: ScoringOptions | None = None,
     ) -> None:
-        self.versions = ModelVersions(Lake(lake), name, quantize, ann_min_items, ann_ef_search)
+        self.versions = ModelVersions(Lake(lake), name, options)
         self.versions.load_sync(version)
         self.retrieve.set_max_batch_size(max_batch_size)
         self.retrieve.set_batch_wait_timeout_s(batch_wait_timeout_s)

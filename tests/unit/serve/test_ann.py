@@ -9,7 +9,7 @@ import numpy as np
 from app.config import ModelArgs
 from app.model import build_model
 from app.serve.ann import AnnIndex
-from app.serve.retriever import LoadedModel, Query, item_matrix, top_k_dot
+from app.serve.retriever import LoadedModel, Query, ScoringOptions, item_matrix, top_k_dot
 
 
 def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -64,7 +64,7 @@ def test_rows_left_short_by_their_history_are_flagged() -> None:
 def test_loaded_model_uses_the_index_and_falls_back_to_exact() -> None:
     model = build_model(ModelArgs(name="mf", embed_dim=16), n_users=30, n_items=500, seed=0)
     record = SimpleNamespace(version="v1")
-    approx = LoadedModel(model, record, ann_min_items=0)  # type: ignore[arg-type]
+    approx = LoadedModel(model, record, ScoringOptions(ann_min_items=0))  # type: ignore[arg-type]
     exact = LoadedModel(model, record)  # type: ignore[arg-type]
     assert approx.ann is not None and exact.ann is None
     rng = np.random.default_rng(4)

@@ -10,7 +10,7 @@ import pytest
 
 from app.config import ModelArgs
 from app.model import build_model
-from app.serve.retriever import LoadedModel, Query, top_k_dot
+from app.serve.retriever import LoadedModel, Query, ScoringOptions, top_k_dot
 
 
 def _record(version: str = "v1") -> Any:
@@ -39,7 +39,7 @@ def test_top_k_dot_matches_brute_force_and_excludes() -> None:
 def test_compressed_variant_serves_nearly_the_same_lists(mode: str) -> None:
     model = build_model(ModelArgs(name="mf", embed_dim=32), n_users=40, n_items=2000, seed=0)
     full = LoadedModel(model, _record())
-    small = LoadedModel(model, _record(), quantize=mode)
+    small = LoadedModel(model, _record(), ScoringOptions(quantize=mode))
     assert small.table is not None and small.family == "mf"
     rng = np.random.default_rng(1)
     queries = [
@@ -66,4 +66,4 @@ def test_compressed_variant_serves_nearly_the_same_lists(mode: str) -> None:
 def test_unknown_quantize_mode_is_an_error() -> None:
     model = build_model(ModelArgs(name="mf", embed_dim=8), n_users=4, n_items=20, seed=0)
     with pytest.raises(Exception, match="quantize mode"):
-        LoadedModel(model, _record(), quantize="int4")
+        LoadedModel(model, _record(), ScoringOptions(quantize="int4"))
