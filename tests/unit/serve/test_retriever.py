@@ -67,3 +67,34 @@ def test_unknown_quantize_mode_is_an_error() -> None:
     model = build_model(ModelArgs(name="mf", embed_dim=8), n_users=4, n_items=20, seed=0)
     with pytest.raises(Exception, match="quantize mode"):
         LoadedModel(model, _record(), ScoringOptions(quantize="int4"))
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(8, 100_000, 10), (3, 20_000, 50), (2, 5_000, 3)])
+def test_chunked_top_k_equals_torch_topk(rows: int, n: int, k: int) -> None:
+    import torch
+
+    from app.serve.retriever import TOPK_CHUNK, top_k_rows
+
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(rows, n, generator=gen)
+    # Worst cases for the chunk bound: all of a row's best scores in one chunk, in the ragged
+    # tail, or excluded (-inf) chunk after chunk.
+    scores[0, 3 * TOPK_CHUNK : 3 * TOPK_CHUNK + 2 * k] += 10.0
+    scores[1, -3:] += 10.0
+    scores[-1, : n // 2] = float("-inf")
+    vals, idx = top_k_rows(scores, k)
+    want_vals, want_idx = torch.topk(scores, k, dim=1, sorted=True)
+    assert torch.equal(vals, want_vals)
+    assert torch.equal(idx, want_idx)
+
+
+def test_chunked_top_k_keeps_the_padding_of_mostly_excluded_rows() -> None:
+    import torch
+
+    from app.serve.retriever import top_k_rows
+
+    scores = torch.full((2, 50_000), float("-inf"))
+    scores[0, [7, 40_000]] = torch.tensor([1.0, 2.0])
+    vals, idx = top_k_rows(scores, 5)
+    assert idx[0, :2].tolist() == [40_000, 7] and vals[0, :2].tolist() == [2.0, 1.0]
+    assert torch.isneginf(vals[0, 2:]).all() and torch.isneginf(vals[1]).all()
