@@ -233,8 +233,16 @@ _HAPROXY = {
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # default 4 threads, on 2 cores
 }
-_COLOCATED = {"colocate_scoring": True, "batch_wait_timeout_s": 0.01}
-_QUIET = {"logging_config": {"enable_access_log": False}}
+_COLOCATED = {"colocate_scoring": True, "batch_wait_timeout_s": 0.015}
+# serve_configs/local.yaml's ingress options: no access log; two BLAS threads for the wave's
+# product without OpenBLAS's spin-wait (the event loop is idle while its wave is scored).
+_QUIET = {
+    "logging_config": {"enable_access_log": False},
+    "ray_actor_options": {
+        "num_cpus": 0.5,
+        "runtime_env": {"env_vars": {"OPENBLAS_NUM_THREADS": "2", "OPENBLAS_THREAD_TIMEOUT": "4"}},
+    },
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     # The deployment graph (ingress -> Retriever handle) as in serve_configs/production.yaml.
     "serve_composed": {"kind": "serve", "mix": "uniform", "env": {}, "args": {}},
