@@ -236,7 +236,7 @@ _HAPROXY = {
 _COLOCATED = {"colocate_scoring": True, "batch_wait_timeout_s": 0.015}
 # serve_configs/local.yaml's ingress options: no access log; two BLAS threads for the wave's
 # product without OpenBLAS's spin-wait (the event loop is idle while its wave is scored).
-_QUIET = {
+_INGRESS = {
     "logging_config": {"enable_access_log": False},
     "ray_actor_options": {
         "num_cpus": 0.5,
@@ -253,35 +253,35 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "mix": "uniform",
         "env": {},
         "args": _COLOCATED,
-        "ingress": _QUIET,
+        "ingress": _INGRESS,
     },
     "serve_colocated_haproxy": {
         "kind": "serve",
         "mix": "uniform",
         "env": _HAPROXY,
         "args": _COLOCATED,
-        "ingress": _QUIET,
+        "ingress": _INGRESS,
     },
     "serve_colocated_haproxy_2replicas": {
         "kind": "serve",
         "mix": "uniform",
         "env": _HAPROXY,
         "args": _COLOCATED,
-        "ingress": {**_QUIET, "num_replicas": 2},
+        "ingress": {**_INGRESS, "num_replicas": 2},
     },
     "serve_colocated_haproxy_int8": {
         "kind": "serve",
         "mix": "uniform",
         "env": _HAPROXY,
         "args": {**_COLOCATED, "quantize": "int8"},
-        "ingress": _QUIET,
+        "ingress": _INGRESS,
     },
     "serve_cache": {
         "kind": "serve",
         "mix": "hot",
         "env": _HAPROXY,
         "args": {**_COLOCATED, "cache_size": 10_000},
-        "ingress": _QUIET,
+        "ingress": _INGRESS,
     },
     "fastapi": {"kind": "fastapi", "mix": "uniform", "env": {}},
 }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -87,7 +86,7 @@ class ServeMetrics:
         self.events.set_default_tags(dict(tags))
         self._version: str | None = None
         self.pending = LocalCounts()
-        self._flush_at: float | None = None
+        self._flush_scheduled = False
 
     def count(self, counter: str, n: int = 1, **tags: str) -> None:
         """Add ``n`` to the counter attribute ``counter`` (``requests``, ``cache``, ``events``).
@@ -96,19 +95,19 @@ class ServeMetrics:
         where there is none).
         """
         self.pending.add(counter, n, **tags)
-        if self._flush_at is not None:
+        if self._flush_scheduled:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._flush_at = time.monotonic() + FLUSH_S
+        self._flush_scheduled = True
         loop.call_later(FLUSH_S, self.flush)
 
     def flush(self) -> None:
         """Push the counts added up so far to Ray."""
-        self._flush_at = None
+        self._flush_scheduled = False
         for name, tags, n in self.pending.drain():
             counter: Counter = getattr(self, name)
             counter.inc(n, tags=tags)
