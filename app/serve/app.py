@@ -95,13 +95,17 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _json(answer: BaseModel) -> Response:
-    """The answer as JSON, serialised once by pydantic.
+def _body(answer: BaseModel) -> bytes:
+    """The answer as JSON bytes, serialised once by pydantic.
 
-    The endpoint's ``response_model`` stays in the OpenAPI schema; returning a ``Response``
-    skips FastAPI's re-validation of a model this code has just built.
+    The endpoints' ``response_model`` stays in the OpenAPI schema; answering with bytes skips
+    FastAPI's re-validation of a model this code has just built.
     """
-    return Response(answer.model_dump_json(), media_type="application/json")
+    return answer.__pydantic_serializer__.to_json(answer)
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
 
 
 def rec_key(
@@ -393,23 +397,22 @@ class Ingress:
     async def _recommend_json(self, user_id: str, k: int | None) -> bytes:
         """JSON body of ``GET /recommend/{user_id}`` (also answered by the ASGI guard directly)."""
         answer = await self._recommend(user_id, k, [], [], False)
-        return RecommendResponse.__pydantic_serializer__.to_json(answer)
+        return _body(answer)
 
     @api.get("/recommend/{user_id}", response_model=RecommendResponse)
     async def recommend_get(
         self, user_id: str, k: int | None = Query(None, description="List length.")
     ) -> Response:
         """Top-k items for a user; unknown users get popular items."""
-        return Response(await self._recommend_json(user_id, k), media_type="application/json")
+        return _json(await self._recommend_json(user_id, k))
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend_post(self, body: RecommendRequest) -> Response:
         """Top-k items for a user or an anonymous context, with optional exclusions."""
-        return _json(
-            await self._recommend(
-                body.user_id, body.k, body.context, body.exclude, body.include_seen
-            )
+        answer = await self._recommend(
+            body.user_id, body.k, body.context, body.exclude, body.include_seen
         )
+        return _json(_body(answer))
 
     @api.get("/similar/{item_id}", response_model=SimilarResponse)
     async def similar(self, item_id: str, k: int | None = Query(None)) -> Response:
@@ -422,7 +425,7 @@ class Ingress:
         key = ("sim", state.version, item_id, k)
         hit = self.cache.get(key)
         if hit is not None:
-            return _json(hit.model_copy(update={"cached": True}))
+            return _json(_body(hit.model_copy(update={"cached": True})))
         if self.local is not None:
             cand = (await self.local.get(state.version)).similar(idx, k)
         else:
@@ -435,7 +438,7 @@ class Ingress:
             cached=False,
         )
         self.cache.put(key, answer)
-        return _json(answer)
+        return _json(_body(answer))
 
     @api.post("/events", status_code=202, response_model=EventsResponse)
     async def post_events(self, body: EventsRequest) -> EventsResponse:

@@ -8,11 +8,10 @@ latency and status metrics per endpoint for every request, including the ones Fa
 ``RUNTIME["recommend"]``) but without FastAPI's middleware, routing, dependency solving and
 request objects (about a fifth of the event loop's time per request). Every other form of the
 request (other parameters, a malformed ``k``, a path with more segments) goes to FastAPI,
-which validates it.
+which validates it. So does a fast-path request whose handler raises: FastAPI runs it again and
+answers the error with the app's own exception handlers (errors are rare; one set of handlers).
 """
 
-import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +20,6 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from app.registry import RegistryError
 from app.serve import args as _replica
 from app.serve.metrics import ServeMetrics
 
@@ -118,7 +116,6 @@ def endpoint_name(path: str) -> str:
 
 
 RECOMMEND_PREFIX = "/recommend/"
-log = logging.getLogger(__name__)
 
 FastRecommend = Callable[[str, int | None], Awaitable[bytes]]
 """``(user_id, k) -> JSON body`` of ``GET /recommend/{user_id}``; raises ``HTTPException``."""
@@ -146,30 +143,10 @@ def fast_recommend_args(scope: dict[str, Any]) -> tuple[str, int | None] | None:
     return None
 
 
-async def _send_json(send: Any, status: int, body: bytes, headers: dict[str, str]) -> None:
+async def _send_ok(send: Any, body: bytes) -> None:
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _fast_recommend(handler: FastRecommend, user_id: str, k: int | None, send: Any) -> int:
-    """Answer one fast-path request; returns its HTTP status."""
-    try:
-        body = await handler(user_id, k)
-    except HTTPException as exc:  # what the FastAPI app answers for the same errors
-        detail = json.dumps({"detail": exc.detail}).encode()
-        await _send_json(send, exc.status_code, detail, dict(exc.headers or {}))
-        return exc.status_code
-    except RegistryError as exc:
-        await _send_json(send, 404, json.dumps({"detail": str(exc)}).encode(), {})
-        return 404
-    except Exception:  # noqa: BLE001 - like FastAPI's error middleware: a 500, logged
-        log.exception("GET /recommend/%s failed", user_id)
-        await _send_json(send, 500, b'{"detail": "Internal Server Error"}', {})
-        return 500
-    await _send_json(send, 200, body, {})
-    return 200
 
 
 def _record(scope: dict[str, Any], start: float, status: int) -> None:
@@ -198,8 +175,16 @@ class FastPathAPI(FastAPI):
             fast = fast_recommend_args(scope)
             if fast is not None and _no_body(scope):
                 start = time.perf_counter()
-                _record(scope, start, await _fast_recommend(handler, *fast, send))
-                return
+                try:
+                    body: bytes | None = await handler(*fast)
+                except Exception:  # noqa: BLE001
+                    # An error (422 for k, 404, 500) is answered by the FastAPI app, which runs
+                    # the same handler again: its exception handlers are the only ones.
+                    body = None
+                if body is not None:
+                    await _send_ok(send, body)
+                    _record(scope, start, 200)
+                    return
         await super().__call__(scope, receive, send)
 
 

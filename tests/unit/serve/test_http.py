@@ -1,12 +1,20 @@
-"""The ASGI guard's fast path takes only the plain recommend GET; the rest goes to FastAPI."""
+"""The ASGI guard's fast path takes only the plain recommend GET; the rest goes to FastAPI.
+
+Errors on the fast path are answered by the FastAPI app's own handlers."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import pytest
+from fastapi import HTTPException, Response
+from fastapi.responses import JSONResponse
 
-from app.serve.http import fast_recommend_args
+from app.registry import RegistryError
+from app.serve import args as _replica
+from app.serve.http import FastPathAPI, fast_recommend_args
 
 
 def _scope(path: str, query: bytes = b"", method: str = "GET", root: str = "") -> dict[str, Any]:
@@ -48,3 +56,76 @@ def test_plain_recommend_gets_take_the_fast_path(
 )
 def test_everything_else_goes_to_fastapi(scope: dict[str, Any]) -> None:
     assert fast_recommend_args(scope) is None
+
+
+def _call(app: Any, path: str, query: bytes = b"") -> tuple[int, bytes]:
+    """One GET through the ASGI app: (status, body)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = _scope(path, query) | {"headers": [], "scheme": "http", "server": ("t", 80)}
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], body
+
+
+@pytest.fixture
+def fast_app(monkeypatch: pytest.MonkeyPatch) -> tuple[FastPathAPI, list[str]]:
+    """A FastPathAPI whose route and fast path share one handler that fails for some users."""
+    calls: list[str] = []
+
+    async def handler(user_id: str, k: int | None) -> bytes:
+        calls.append(user_id)
+        if user_id == "bad-k":
+            raise HTTPException(422, "k must be in 1..100")
+        if user_id == "gone":
+            raise RegistryError("no model version 'x'")
+        if user_id == "boom":
+            raise RuntimeError("bug")
+        return json.dumps({"user_id": user_id, "k": k}).encode()
+
+    app = FastPathAPI()
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(_: Any, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.get("/recommend/{user_id}")
+    async def recommend(user_id: str, k: int | None = None) -> Response:
+        return Response(await handler(user_id, k), media_type="application/json")
+
+    monkeypatch.setitem(_replica.RUNTIME, "recommend", handler)
+    return app, calls
+
+
+def test_fast_path_answers_success_once(fast_app: tuple[FastPathAPI, list[str]]) -> None:
+    app, calls = fast_app
+    assert _call(app, "/recommend/u1", b"k=5") == (200, b'{"user_id": "u1", "k": 5}')
+    assert calls == ["u1"]  # one handler call: FastAPI's route did not run
+
+
+@pytest.mark.parametrize(
+    ("user", "status", "detail"),
+    [
+        ("bad-k", 422, "k must be in 1..100"),
+        ("gone", 404, "no model version 'x'"),
+    ],
+)
+def test_fast_path_errors_are_answered_by_the_apps_handlers(
+    fast_app: tuple[FastPathAPI, list[str]], user: str, status: int, detail: str
+) -> None:
+    app, calls = fast_app
+    code, body = _call(app, f"/recommend/{user}")
+    assert (code, json.loads(body)) == (status, {"detail": detail})
+    assert calls == [user, user]  # tried on the fast path, answered by FastAPI
+
+
+def test_fast_path_bug_is_a_500_from_fastapi(fast_app: tuple[FastPathAPI, list[str]]) -> None:
+    app, _ = fast_app
+    with pytest.raises(RuntimeError, match="bug"):  # Starlette answers 500, then re-raises
+        _call(app, "/recommend/boom")
