@@ -235,12 +235,19 @@ _HAPROXY = {
 }
 _COLOCATED = {"colocate_scoring": True, "batch_wait_timeout_s": 0.015}
 # serve_configs/local.yaml's ingress options: no access log; two BLAS threads for the wave's
-# product without OpenBLAS's spin-wait (the event loop is idle while its wave is scored).
+# product without OpenBLAS's spin-wait (the event loop is idle while its wave is scored); normal
+# CPU priority (Ray starts workers at nice 15, below the load generator and the baseline).
 _INGRESS = {
     "logging_config": {"enable_access_log": False},
     "ray_actor_options": {
         "num_cpus": 0.5,
-        "runtime_env": {"env_vars": {"OPENBLAS_NUM_THREADS": "2", "OPENBLAS_THREAD_TIMEOUT": "4"}},
+        "runtime_env": {
+            "env_vars": {
+                "OPENBLAS_NUM_THREADS": "2",
+                "OPENBLAS_THREAD_TIMEOUT": "4",
+                "RAY_worker_niceness": "0",
+            }
+        },
     },
 }
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -103,13 +103,31 @@ def served(ray_cluster: None, lake_with_models: tuple[Lake, list[str]]) -> Itera
         cache_size=1000,
     )
     small = {"ray_actor_options": {"num_cpus": 0.25}}
-    app = build_application(args, {"Ingress": small, "Retriever": small, "Ranker": small})
+    # As in serve_configs/: the ingress at normal CPU priority, the others at Ray's nice 15.
+    ingress = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": NICE_0}}}
+    app = build_application(args, {"Ingress": ingress, "Retriever": small, "Ranker": small})
     serve.run(app, name="scalerec-test", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url)
     yield url
     serve.delete("scalerec-test")
     serve.shutdown()
+
+
+NICE_0 = {"RAY_worker_niceness": "0"}
+
+
+def test_ingress_runs_at_normal_priority(served: str) -> None:
+    """``RAY_worker_niceness`` in a replica's runtime_env (serve_configs/) lifts Ray's nice 15."""
+    import psutil
+
+    nice = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        for name in ("Ingress", "Retriever"):
+            if f"ServeReplica:scalerec-test:{name}" in title:
+                nice[name] = proc.nice()
+    assert nice == {"Ingress": 0, "Retriever": 15}
 
 
 def _wait_healthy(url: str, timeout: float = 90.0) -> None:
@@ -459,6 +477,11 @@ def test_serve_configs_validate(path: str) -> None:
         auto = run.deployments[name]["autoscaling_config"]
         assert auto["min_replicas"] <= auto["max_replicas"]
         assert run.deployments[name]["max_ongoing_requests"] > auto["target_ongoing_requests"]
+    for options in run.deployments.values():  # serving at normal CPU priority (see above)
+        assert (
+            options["ray_actor_options"]["runtime_env"]["env_vars"] | NICE_0
+            == (options["ray_actor_options"]["runtime_env"]["env_vars"])
+        )
 
 
 def test_colocated_scoring_answers_like_the_deployment_graph(
