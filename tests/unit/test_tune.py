@@ -215,13 +215,15 @@ class _Driver:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # two driver start-ups and four Train runs on 2 cores
+@pytest.mark.timeout(1800)  # two driver start-ups and three Train runs on 2 cores
 def test_search_resumes_after_driver_crash(tiny_dataset, tmp_path):
-    num_samples = 4
+    num_samples = 3
     cfg = _cfg(tiny_dataset.lake.uri, {"train.lr": {"low": 0.01, "high": 0.05, "log": True}})
+    # Two trials at a time: the crash lands with one or two finished and one not started.
+    search = {"num_samples": num_samples, "searcher": "random", "max_concurrent_trials": 2}
     cfg = cfg.model_copy(
         update={
-            "tune": cfg.tune.model_copy(update={"num_samples": num_samples, "searcher": "random"}),
+            "tune": cfg.tune.model_copy(update=search),
             "cluster": cfg.cluster.model_copy(update={"num_cpus": 4, "progress_bars": False}),
         }
     )
