@@ -185,14 +185,19 @@ class EmbeddingTable:
                 out[:, start:stop] = self._block_scores(u, start, stop, exact=True)
         return out.numpy()
 
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._fp32 is not None:
+            return self._fp32[idx]
+        assert self.scale is not None
+        return self.values[idx].float() * self.scale[idx][..., None]
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """The fp32 vectors of rows ``idx`` (what ``dequantize`` holds there), ``(len(idx), d)``."""
+        return self._rows(torch.as_tensor(idx, dtype=torch.int64)).numpy()
+
     def _rescore(self, u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """Exact fp32 scores of candidate rows ``cand`` (b, c) for queries ``u`` (b, d)."""
-        if self._fp32 is not None:
-            rows = self._fp32[cand]
-        else:
-            assert self.scale is not None
-            rows = self.values[cand].float() * self.scale[cand][..., None]
-        return torch.einsum("bcd,bd->bc", rows, u)
+        return torch.einsum("bcd,bd->bc", self._rows(cand), u)
 
     def search(
         self,

@@ -193,9 +193,12 @@ class LoadedModel:
         self.version = record.version
         self.family = str(getattr(model, "base_family", model.family))
         self.table: EmbeddingTable | None = getattr(model, "table", None)
-        emb = model.item_embeddings()
+        # A compressed table scores by itself: no fp32 copy of the items next to it.
+        emb = None if self.table is not None else model.item_embeddings()
         self.items: np.ndarray | None = None if emb is None else item_matrix(emb)
-        self._normed: torch.Tensor | None = None
+        self.embedded = self.table is not None or self.items is not None
+        """Scored as user vector x item vectors (else by the model's own ``score``)."""
+        self._norms: np.ndarray | None = None
         self.ann: AnnIndex | None = None
         if (
             self.items is not None
@@ -212,7 +215,7 @@ class LoadedModel:
         users = np.array([q.user_idx for q in queries], dtype=np.int64)
         history = _csr([q.history for q in queries], m.n_items)
         k = max(q.k for q in queries)
-        if self.items is None:
+        if not self.embedded:
             scores = torch.from_numpy(np.array(m.score(users, history), dtype=np.float32))
             idx, vals = _top_k_scores(scores, [q.exclude for q in queries], k)
         else:
@@ -223,12 +226,14 @@ class LoadedModel:
             if self.table is not None:
                 idx, vals = self.table.search(u, k, _csr(exclude, m.n_items))
             elif self.ann is not None:
+                assert self.items is not None
                 idx, vals, short = self.ann.search(u, exclude, k)
                 if short.any():  # histories too long for the fetched neighbours: exact
                     rows = np.flatnonzero(short)
                     exact = top_k_dot(u[rows], self.items, [exclude[r] for r in rows], k)
                     idx[rows], vals[rows] = exact
             else:
+                assert self.items is not None
                 idx, vals = top_k_dot(u, self.items, exclude, k)
         out = []
         for row, q in enumerate(queries):
@@ -257,18 +262,30 @@ class LoadedModel:
 
     def similar(self, item_idx: int, k: int) -> Candidates:
         """Items closest to ``item_idx``: cosine over item vectors, else the model's scores."""
-        if self.items is None:
+        if not self.embedded:
             hist = _csr([np.array([item_idx])], self.model.n_items)
             scores = torch.from_numpy(
                 np.array(self.model.score(np.array([-1]), hist), dtype=np.float32)
             )
         else:
-            if self._normed is None:
-                self._normed = torch.nn.functional.normalize(torch.from_numpy(self.items), dim=1)
-            scores = (self._normed @ self._normed[item_idx])[None, :].clone()
+            scores = torch.from_numpy(self._cosine(item_idx)[None, :])
         idx, vals = _top_k_scores(scores, [np.array([item_idx])], k)
         keep = idx[0] >= 0
         return Candidates(self.version, idx[0][keep], vals[0][keep])
+
+    def _cosine(self, item_idx: int) -> np.ndarray:
+        """Cosine of every item vector with ``item_idx``'s (item norms computed once)."""
+        if self.items is not None:
+            v = self.items[item_idx]
+            dots = self.items @ v
+        else:
+            assert self.table is not None
+            v = self.table.rows(np.array([item_idx]))[0]
+            dots = self.table.scores(v[None, :])[0]
+        if self._norms is None:
+            vecs = self.items if self.items is not None else self.table.dequantize()
+            self._norms = np.maximum(np.linalg.norm(vecs, axis=1), 1e-12).astype(np.float32)
+        return (dots / (self._norms * self._norms[item_idx])).astype(np.float32)
 
 
 class ModelVersions:

@@ -119,14 +119,15 @@ NICE_0 = {"RAY_worker_niceness": "0"}
 
 def test_ingress_runs_at_normal_priority(served: str) -> None:
     """``RAY_worker_niceness`` in a replica's runtime_env (serve_configs/) lifts Ray's nice 15."""
-    import psutil
-
     nice = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        title = " ".join(proc.info["cmdline"] or [])
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # not a process, or gone
+            continue
         for name in ("Ingress", "Retriever"):
             if f"ServeReplica:scalerec-test:{name}" in title:
-                nice[name] = proc.nice()
+                nice[name] = os.getpriority(os.PRIO_PROCESS, int(proc.name))
     assert nice == {"Ingress": 0, "Retriever": 15}
 
 

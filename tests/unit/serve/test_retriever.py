@@ -98,3 +98,25 @@ def test_chunked_top_k_keeps_the_padding_of_mostly_excluded_rows() -> None:
     vals, idx = top_k_rows(scores, 5)
     assert idx[0, :2].tolist() == [40_000, 7] and vals[0, :2].tolist() == [2.0, 1.0]
     assert torch.isneginf(vals[0, 2:]).all() and torch.isneginf(vals[1]).all()
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8"])
+def test_compressed_variant_holds_no_fp32_item_copy_and_finds_similar_items(mode: str) -> None:
+    model = build_model(ModelArgs(name="mf", embed_dim=32), n_users=40, n_items=2000, seed=0)
+    full = LoadedModel(model, _record())
+    small = LoadedModel(model, _record(), ScoringOptions(quantize=mode))
+    assert full.items is not None and full.items.nbytes == 2000 * 32 * 4
+    assert small.items is None and small.table is not None  # the table is the only item copy
+    assert small.table.nbytes() < full.items.nbytes
+    overlaps = []
+    for item in (0, 17, 1999):
+        a, b = full.similar(item, 10), small.similar(item, 10)
+        assert item not in a.items.tolist() and item not in b.items.tolist()
+        assert np.all(np.diff(b.scores) <= 0) and np.all(np.abs(b.scores) <= 1.0 + 1e-5)
+        overlaps.append(len(set(a.items.tolist()) & set(b.items.tolist())) / 10)
+    assert np.mean(overlaps) >= 0.8, overlaps
+    # The cosine of fp32 vectors, computed directly.
+    v = model.item_embeddings()
+    cos = v @ v[17] / (np.linalg.norm(v, axis=1) * np.linalg.norm(v[17]))
+    cos[17] = -np.inf
+    np.testing.assert_array_equal(full.similar(17, 10).items, np.argsort(-cos)[:10])
