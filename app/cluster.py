@@ -1,16 +1,92 @@
 """Connecting to Ray: an embedded local cluster by default, or an existing cluster by address.
 
-Importing this module never starts Ray; jobs call ``connect(cfg.cluster)`` once.
+Importing this module never starts Ray; jobs call ``connect(cfg.cluster)`` once, and their
+``__main__`` goes through ``run_job`` so that Ctrl-C and SIGTERM stop them cleanly in every phase.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from app.config import ClusterArgs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _force_exit(signum: int, frame: Any) -> None:
+    os._exit(EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT)
+
+
+def run_job(main: Callable[[], Any]) -> None:
+    """Run a job's ``main``; on Ctrl-C or SIGTERM stop Serve and Ray and exit 130 / 143.
+
+    A second signal during that cleanup exits at once.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        main()
+    except KeyboardInterrupt as exc:
+        code = EXIT_SIGTERM if isinstance(exc, _Terminated) else EXIT_SIGINT
+        signal.signal(signal.SIGINT, _force_exit)
+        signal.signal(signal.SIGTERM, _force_exit)
+        what = "terminated" if code == EXIT_SIGTERM else "interrupted"
+        print(f"\n{what}: stopping Ray", file=sys.stderr)
+        shutdown()
+        sys.exit(code)
+
+
+def shutdown() -> None:
+    """Stop the embedded Ray cluster (and Serve in it), or disconnect from a remote one."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def call_in_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a helper thread and wait for it in the main thread.
+
+    Ray Train's ``fit()`` installs a SIGINT handler when it runs in the main thread, and that
+    handler aborts the run but never stops the process. In a helper thread it installs none,
+    so Ctrl-C raises ``KeyboardInterrupt`` here and ``run_job`` stops Ray, which ends ``fn``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="scalerec-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)  # a bounded wait, so that signals are handled promptly
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def connect(cluster: ClusterArgs) -> None:

@@ -6,17 +6,62 @@ Every job calls ``load_config(path, overrides)``; each stage then receives only 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 MOVIELENS_VARIANTS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-20m", "ml-25m")
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
+
+
+# Ray runs a submitted job (and `serve deploy`'s app builder) inside a temporary copy of its
+# working directory; a relative output path resolved there vanishes with the job and is not
+# seen by other nodes.
+_RAY_WORKING_DIR_MARK = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+
+
+def in_ray_working_dir_copy(cwd: str | None = None) -> bool:
+    """Whether this process runs inside Ray's temporary copy of a job's ``--working-dir``."""
+    return _RAY_WORKING_DIR_MARK in (cwd or os.getcwd()) + os.sep
+
+
+def _absolute(value: str) -> str:
+    """Local paths made absolute against the launch directory; URIs (``s3://``) unchanged."""
+    if not value or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _absolute_output(value: str) -> str:
+    """Like ``_absolute``, refusing a relative output path inside a Ray job's working copy."""
+    if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+        if in_ray_working_dir_copy():
+            raise ValueError(
+                f"{value!r} is a relative path, and this process runs in Ray's temporary copy "
+                f"of the job's working directory ({os.getcwd()}), which is deleted with the job "
+                "and which other nodes do not see: pass an absolute path that every node "
+                "shares (lake=/mnt/shared/lake) or an object-store URI (lake=s3://bucket/lake)"
+            )
+    return _absolute(value)
+
+
+InputPath = Annotated[str, AfterValidator(_absolute)]
+"""A local path (made absolute where the config is loaded) or a URI such as ``s3://b/p``."""
+OutputPath = Annotated[str, AfterValidator(_absolute_output)]
+"""Like ``InputPath``, for what a stage writes: never relative inside a Ray job's working copy."""
 
 
 class _Args(BaseModel):
@@ -70,7 +115,7 @@ class DataArgs(_Args):
     """Dataset name in the lake: ``<lake>/datasets/<name>/<version>/``."""
     source: Literal["files", "movielens", "synthetic"] = "files"
     """``files``: raw files at ``path``; ``movielens``: a MovieLens variant; ``synthetic``."""
-    path: str = ""
+    path: InputPath = ""
     """Local folder/file or ``s3://bucket/prefix`` with the raw files (or where a variant lives)."""
     format: Literal["csv", "parquet", "jsonl"] = "csv"
     """Raw file format for ``source: files``."""
@@ -90,7 +135,7 @@ class DataArgs(_Args):
     """CSV field delimiter."""
     encoding: str = "utf-8"
     """Text encoding of CSV/JSONL files; rows that do not decode are quarantined."""
-    item_features: str | None = None
+    item_features: InputPath | None = None
     """Optional CSV with item side features (``item id column,...,genres``), e.g. movies.csv."""
     item_features_id_column: str = "movieId"
     """Item id column of ``item_features``."""
@@ -240,7 +285,7 @@ class ServeArgs(_Args):
     """HNSW search effort per query: higher is closer to exact and slower."""
     admin_token_env: str = "SCALEREC_ADMIN_TOKEN"
     """Environment variable holding the bearer token for /admin endpoints."""
-    config: str = "serve_configs/local.yaml"
+    config: InputPath = Field("serve_configs/local.yaml", validate_default=True)
     """Serve config (deployments, autoscaling) the pipeline deploys with."""
     after_pipeline: Literal["serve", "sample", "skip"] = "serve"
     """``make run``'s last step: keep serving until Ctrl-C, exit after a sample answer, or skip."""
@@ -260,8 +305,8 @@ class ClusterArgs(_Args):
 class AppConfig(_Args):
     """The whole ScaleRec configuration; each stage reads only its own section."""
 
-    lake: str = "./lake"
-    """Lake root: a local folder or ``s3://bucket/prefix``."""
+    lake: OutputPath = Field("./lake", validate_default=True)
+    """Lake root: a local folder (relative to where the job is launched) or ``s3://bucket/prefix``."""
     seed: int = 42
     """Global seed for data splits, initialisation and sampling."""
     data: DataArgs = DataArgs(source="synthetic")

@@ -2,7 +2,7 @@
 
 Run with ``python -m jobs.evaluate --config jobs/configs/<cfg>.yaml model=<version|alias>``.
 
-Protocol (DESIGN.md, "Evaluation protocol"): every item is a candidate except the user's
+Protocol (docs/design.md, "Evaluation protocol"): every item is a candidate except the user's
 ``history`` items (train for validation; train + validation for test). Metrics are averaged over
 users with at least one relevant item:
 
@@ -378,6 +378,22 @@ def metrics_table(rows: list[dict[str, Any]]) -> str:
             cells.append(("-" if v is None else f"{float(v):.4f}").rjust(col_w))
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+def margin_line(model: dict[str, Any], baselines: list[dict[str, Any]], k: int = 10) -> str:
+    """One sentence comparing ``model``'s NDCG@k with the best of ``baselines`` (relative)."""
+    key = f"ndcg@{k}"
+    scored = [b for b in baselines if b.get(key) is not None]
+    if not scored or model.get(key) is None:
+        return f"no baseline with {key} to compare with"
+    best = max(scored, key=lambda b: float(b[key]))
+    ours, theirs = float(model[key]), float(best[key])
+    rel = (ours - theirs) / theirs * 100 if theirs > 0 else float("inf")
+    verdict = "ahead of" if ours > theirs else "behind"
+    return (
+        f"{model['model']} is {verdict} the best baseline, {best['model']}: "
+        f"{key} {ours:.4f} vs {theirs:.4f} ({rel:+.1f} %)"
+    )
 
 
 def run(cfg: AppConfig, model_ref: str) -> dict[str, float]:

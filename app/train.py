@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import scipy.sparse as sp
 import torch
 
+from app.cluster import call_in_thread
 from app.config import AppConfig, ModelArgs, TrainArgs
 from app.dataset import GENRES, ITEM_IDX, USER_IDX, DatasetVersion, load_dataset
 from app.lake import Lake
@@ -299,7 +300,7 @@ def fit(
     t0 = time.perf_counter()
     name = name or f"{cfg.model.name}-{ds.name}-{ds.version[:8]}-{uuid.uuid4().hex[:6]}"
     storage_path = storage_path or posixpath.join(cfg.lake.rstrip("/"), "runs")
-    result = build_trainer(cfg, ds, storage_path, name).fit()
+    result = call_in_thread(build_trainer(cfg, ds, storage_path, name).fit)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

@@ -25,10 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"registered {record.name} version {record.version}")
     metrics = evaluate.run(cfg, record.version)
     ds = load_dataset(cfg.lake, ds.name, ds.version)
-    rows = [{"model": f"{cfg.model.name} (ScaleRec, {record.version})", **metrics}]
-    rows += evaluate.baselines(ds)
+    ours = {"model": f"{cfg.model.name} (ScaleRec, {record.version})", **metrics}
+    baselines = evaluate.baselines(ds)
     print(f"\ntest metrics, full ranking over {ds.n_items:,} items ({ds.name} {ds.version}):")
-    print(evaluate.metrics_table(rows))
+    print(evaluate.metrics_table([ours, *baselines]))
+    print(evaluate.margin_line(ours, baselines))
     if cfg.serve.after_pipeline == "skip":
         return
     try:
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cluster.run_job(main)

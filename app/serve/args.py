@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from app.config import AppConfig, ServeArgs
+from app.config import AppConfig, OutputPath, ServeArgs
 from app.registry import registry_name
 
 RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
@@ -21,7 +21,7 @@ RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
 class ServeAppArgs(ServeArgs):
     """Arguments of ``app.serve:build_app``: lake + registry name + ``ServeArgs`` + limits."""
 
-    lake: str = "./lake"
+    lake: OutputPath = Field("./lake", validate_default=True)
     """Lake root holding ``models/<name>/`` and receiving ``events/``."""
     name: str = "synthetic-mf"
     """Registry name of the served model (``<dataset>-<family>``, see ``registry_name``)."""

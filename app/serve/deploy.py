@@ -101,21 +101,21 @@ def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
     host = run_cfg.http_options.get("host", run_cfg.args.host)
     port = int(run_cfg.http_options.get("port", run_cfg.args.port))
     serve.start(http_options={**run_cfg.http_options, "host": host, "port": port})
-    app = build_application(run_cfg.args, run_cfg.deployments)
-    serve.run(app, name=run_cfg.name, route_prefix=run_cfg.route_prefix, blocking=False)
-    lake = Lake(run_cfg.args.lake)
-    ds = get_record(lake, run_cfg.args.name, run_cfg.args.model).lineage["dataset"]
-    user = next(iter(load_catalogue(lake, ds["name"], ds["version"]).user_index))
-    url = f"http://{host}:{port}{run_cfg.route_prefix.rstrip('/')}"
-    answer = sample_request(url, user)
-    print(f"GET {url}/recommend/{user}?k=5")
-    print(json.dumps(answer, indent=2))
-    if not exit_after_sample:
-        print(f"serving on {url} (docs: {url}/docs); Ctrl-C stops")
-        try:
+    try:
+        app = build_application(run_cfg.args, run_cfg.deployments)
+        serve.run(app, name=run_cfg.name, route_prefix=run_cfg.route_prefix, blocking=False)
+        lake = Lake(run_cfg.args.lake)
+        ds = get_record(lake, run_cfg.args.name, run_cfg.args.model).lineage["dataset"]
+        user = next(iter(load_catalogue(lake, ds["name"], ds["version"]).user_index))
+        url = f"http://{host}:{port}{run_cfg.route_prefix.rstrip('/')}"
+        answer = sample_request(url, user)
+        print(f"GET {url}/recommend/{user}?k=5")
+        print(json.dumps(answer, indent=2))
+        if not exit_after_sample:
+            print(f"serving on {url} (docs: {url}/docs); Ctrl-C stops")
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    serve.shutdown()
+    finally:
+        # also on Ctrl-C / SIGTERM (KeyboardInterrupt), which then reaches the job's run_job
+        serve.shutdown()
     return answer

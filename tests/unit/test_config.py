@@ -85,3 +85,46 @@ def test_config_is_frozen():
     cfg = load_config(None)
     with pytest.raises(ValidationError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_relative_paths_resolve_where_the_config_is_loaded(tmp_path, monkeypatch):
+    from app.serve.args import ServeAppArgs
+
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(
+        "lake: ./lake\n"
+        "data: {source: files, path: raw, item_features: raw/movies.csv}\n"
+        "serve: {config: confs/local.yaml}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_file)
+    assert cfg.lake == str(tmp_path / "lake")
+    assert cfg.data.path == str(tmp_path / "raw")
+    assert cfg.data.item_features == str(tmp_path / "raw" / "movies.csv")
+    assert cfg.serve.config == str(tmp_path / "confs" / "local.yaml")
+    # the stages get what the config holds: serving, and Ray workers re-validating a dump
+    assert ServeAppArgs.from_config(cfg).lake == str(tmp_path / "lake")
+    monkeypatch.chdir("/")
+    assert AppConfig.model_validate(cfg.model_dump()).lake == str(tmp_path / "lake")
+    # the default lake too, and URIs stay as they are
+    monkeypatch.chdir(tmp_path)
+    assert AppConfig().lake == str(tmp_path / "lake")
+    assert load_config(None, ["lake=s3://bucket/lake"]).lake == "s3://bucket/lake"
+    assert ServeAppArgs().lake == str(tmp_path / "lake")
+
+
+def test_relative_lake_inside_a_ray_job_working_copy_is_refused(tmp_path, monkeypatch):
+    from app.serve.args import ServeAppArgs
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ConfigError, match=r"lake: .*relative.*lake=s3://bucket/lake"):
+        load_config(ROOT / "jobs/configs/synthetic.yaml")
+    with pytest.raises(ValidationError, match="absolute path"):
+        ServeAppArgs(lake="lake")
+    assert load_config(None, ["lake=/srv/lake"]).lake == "/srv/lake"
+    assert load_config(None, ["lake=s3://b/lake"]).lake == "s3://b/lake"
+    # inputs shipped with the job's working directory are read from the copy
+    cfg = load_config(None, ["lake=/srv/lake", "data.source=files", "data.path=data"])
+    assert cfg.data.path == str(copy / "data")

@@ -293,7 +293,7 @@ def test_synthetic_statistics(tmp_path: Path) -> None:
     assert (per_user >= 3).all()
     assert per_user.max() > 4 * np.median(per_user)  # heavy-tailed activity
     pop = np.sort(np.bincount(items, minlength=SMALL.n_items))[::-1]
-    assert pop[: SMALL.n_items // 10].sum() / pop.sum() > 0.3
+    assert pop[: SMALL.n_items // 10].sum() / pop.sum() > 0.25  # uniform would be 0.1
     assert items.min() >= 0 and items.max() < SMALL.n_items
     # grouped by user, time non-decreasing within each user, inside a ~2-year window
     assert (np.diff(users) >= 0).all()
