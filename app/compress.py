@@ -2,11 +2,12 @@
 
 Serving picks the variant with ``serve.quantize: none|fp16|int8`` and calls
 ``quantize(model, cfg.serve.quantize)``; ``python -m bench.compress`` measures size, retrieval
-latency and NDCG@10 of each variant.
+latency and NDCG@10 of each variant (results: docs/performance.md).
 
 - ``int8``: every 2-D float tensor is stored as int8 with one symmetric scale per row
-  (``x ≈ q * scale``, ``scale = max|row| / 127``, kept as float16): 3.88x smaller at 64 dims.
-- ``fp16``: every 2-D float tensor is stored as float16: 2x smaller, nearly lossless.
+  (``x ≈ q * scale``, ``scale = max|row| / 127``, kept as float16): one byte per value plus
+  two per row instead of four per value.
+- ``fp16``: every 2-D float tensor is stored as float16: half the size, nearly lossless.
 - 1-D float tensors (biases) are stored as float16 in both modes.
 
 Top-K retrieval over an int8 table uses torch's CPU int8-weight GEMM

@@ -241,7 +241,7 @@ def _as_binary(col: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_dictionary(col.type):
         col = pc.cast(col, col.type.value_type)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-        # Arrow has no int → binary cast; via string it is ~50x faster than per-value Python.
+        # Arrow has no int → binary cast; going via string stays vectorised (no per-value Python).
         col = pc.cast(col, pa.string())
     try:
         return pc.cast(col, pa.binary())
@@ -446,7 +446,7 @@ def _ceil_frac(n: np.ndarray, frac: float) -> np.ndarray:
 
 
 def dedupe_and_split(batch: pa.Table, test_fraction: float, valid_fraction: float) -> pa.Table:
-    """Per user: keep each (user, item) at its first event, then split by time (DESIGN.md).
+    """Per user: keep each (user, item) at its first event, then split by time (docs/design.md).
 
     The batch holds every row of its users (hash-partitioned by user). Bad rows pass through
     with status ``quarantined``; repeats get ``duplicate``; the rest ``train|valid|test``.

@@ -207,7 +207,7 @@ def _weighted_rows(history: sp.csr_matrix, n_items: int) -> sp.csr_matrix:
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:
-    """Inverse of a symmetric positive definite matrix by Cholesky (about 3x cheaper than LU).
+    """Inverse of a symmetric positive definite matrix by Cholesky (cheaper than LU).
 
     ``a`` is overwritten. Falls back to a general inverse if the factorisation fails.
     """

@@ -6,7 +6,7 @@ Each trial is a Ray Train run built by ``app.train.build_trainer`` with a ``Tune
 (nothing is copied from the training stage): trials fit on train and report validation NDCG@10
 every epoch, ASHA stops the weak ones early, and the searcher proposes the next configuration.
 The best trial's configuration goes through the training stage's ``register_validated``: refit
-on train + validation for its best epoch count (DESIGN.md protocol), registered with the whole
+on train + validation for its best epoch count (protocol: docs/design.md), registered with the whole
 search history in its lineage and promoted to ``staging``. The experiment lives at
 ``<lake>/tune/<name>``; with ``tune.resume`` a search interrupted by a driver crash continues
 where it stopped (finished trials are not rerun, and unfinished ones resume from their last

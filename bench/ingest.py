@@ -51,8 +51,8 @@ _COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "rat
 _EVENT = "event"
 _ID_PAD = 20
 _TICK_S = 0.2
-# PSS needs /proc/<pid>/smaps_rollup, which walks page tables (tens of ms per process on a busy
-# host): read it, and refresh the process tree, every few ticks; /proc/<pid>/status every tick.
+# PSS needs /proc/<pid>/smaps_rollup, which walks page tables (slow on a busy host): read it,
+# and refresh the process tree, every few ticks; /proc/<pid>/status every tick.
 _PSS_EVERY = 5
 _MB = 1 << 20
 

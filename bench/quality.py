@@ -2,7 +2,7 @@
 
 python -m bench.quality [--quick] [--torch-epochs 60]  → bench/results/quality.json
 
-Protocol (DESIGN.md): per-user temporal split (train / validation / test = the last 20%),
+Protocol (docs/design.md): per-user temporal split (train / validation / test = the last 20%),
 full ranking over every item minus the user's history, K=10. Every model is tuned on validation
 NDCG@10 (fit on train, history = train), then the chosen configuration is refit on train +
 validation and scored on test (history = train + validation). Test numbers never choose anything:
@@ -459,7 +459,7 @@ def _params_text(params: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table in DESIGN.md's form, with validation NDCG, MRR and seconds added."""
+    """Markdown table: per model its chosen parameters, validation NDCG, test metrics, seconds."""
     head = (
         "| model | tuned on validation | valid NDCG@10 | NDCG@10 | Recall@10 | HR@10 | MRR@10 "
         "| coverage@10 | seconds |"

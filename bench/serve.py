@@ -228,8 +228,8 @@ _HAPROXY = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # The default 30 s start deadline is too short on a busy 2-core machine.
     "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "180",
-    # HAProxy logs every request to a socket that a Python actor parses into metrics (about
-    # 0.17 ms of CPU per request here); Serve's and the app's own metrics still count them.
+    # HAProxy logs every request to a socket that a Python actor parses into metrics, CPU that
+    # the 2 cores need for serving; Serve's and the app's own metrics still count them.
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # default 4 threads, on 2 cores
 }

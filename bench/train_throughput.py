@@ -18,8 +18,9 @@ Variants, in the same run:
   ``OMP_NUM_THREADS`` to ``max(1, floor(cpus))``).
 - ``ray_1w`` / ``ray_2w``: ``app.train.fit`` → ``build_trainer``, the path ``jobs.train``
   takes: a TorchTrainer fed from the lake's Parquet by Ray Data, ``train.cpus_per_worker``
-  (fractional, RAY_NOTES pitfall 1) CPUs per worker, DDP with 2 workers. Each worker takes
-  ``train.batch_size`` rows per step, so 2 workers make half as many steps of twice the rows.
+  CPUs per worker (fractional, so that Ray Data's tasks still get CPUs), DDP with 2 workers.
+  Each worker takes ``train.batch_size`` rows per step, so 2 workers make half as many steps of
+  twice the rows.
 
 Throughput is what the training loop reports for each epoch (``interactions_per_s``: rows seen
 by all workers over the epoch's wall time). Ray's start-up and each run's set-up (worker group,
@@ -33,7 +34,7 @@ the same dataset (skip the last two with ``--no-probes``).
 
 ``--quality`` adds time to quality on ml-latest-small (never copied into the repo): validation
 NDCG@10 after every epoch of ScaleRec MF (``app.train.fit``, the ml-latest-small job config)
-and after every iteration of implicit ALS (DESIGN.md's tuned configuration), with the training
+and after every iteration of implicit ALS (``ALS_PARAMS``), with the training
 seconds needed to reach ``--quality-fraction`` of ALS's best validation NDCG@10.
 """
 
@@ -66,7 +67,7 @@ DEFAULT_INTERACTIONS = 5_000_000
 QUICK_INTERACTIONS = 500_000
 TARGET_RAY_2W_VS_PLAIN = 0.9
 K = 10
-# ALS as tuned on validation in DESIGN.md's baseline table.
+# implicit ALS at a configuration that scores near the top of bench/quality.py's validation grid.
 ALS_PARAMS = {"factors": 32, "regularization": 0.1, "alpha": 1.0}
 _ALLREDUCE_STEPS = 10
 PLAIN = "plain"

@@ -39,7 +39,7 @@ def ray_cluster() -> Iterator[None]:
         num_cpus=4,
         object_store_memory=512 * 1024**2,
         _temp_dir=temp_dir,
-        include_dashboard=True,  # Train V2's cleanup logs errors without it (RAY_NOTES)
+        include_dashboard=True,  # Train V2's cleanup logs errors without it
         log_to_driver=False,
     )
     yield
@@ -85,7 +85,7 @@ def planted_interactions(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
 def planted_splits(
     users: np.ndarray, items: np.ndarray, stamps: np.ndarray
 ) -> dict[str, dict[str, np.ndarray]]:
-    """The DESIGN.md split: each user's last 20 % is test, the last 10 % of the rest is valid."""
+    """docs/design.md's split: each user's last 20 % is test, the last 10 % of the rest valid."""
     order = np.lexsort((items, stamps, users))
     users, items, stamps = users[order], items[order], stamps[order]
     split = np.empty(len(users), dtype=object)

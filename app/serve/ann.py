@@ -11,10 +11,10 @@ Graph search needs a metric, and inner product is not one (an item is not its ow
 neighbour when others have larger norms). The index therefore uses the standard reduction of
 maximum inner product search to nearest neighbours: items become ``[x, sqrt(M² - |x|²)]`` with
 ``M`` the largest item norm, queries ``[q, 0]``, and the L2 order of those is exactly the
-inner product order. Candidates are then rescored with the true inner products. Measured on
-clustered vectors at the same search effort, an inner-product HNSW found 64 % of the exact
-top-10 for queries far from every item, this reduction 71 %; for queries among the items
-(users near what they like) it finds 100 %. Far queries need more effort (``ef_search``).
+inner product order. Candidates are then rescored with the true inner products. At the same
+search effort this reduction found more of the exact top-10 than an inner-product HNSW did
+(docs/performance.md). Queries among the items (users near what they like) are easy; queries
+far from every item need more effort (``ef_search``).
 
 Excluded items (the user's history) cannot be skipped inside the graph search cheaply, so a
 query fetches ``k + len(exclude)`` neighbours and drops the excluded ones; a row left with

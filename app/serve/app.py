@@ -82,11 +82,11 @@ class _State:
 def _freeze_heap() -> None:
     """Exempt what is loaded now (catalogue dicts, id lists, models) from garbage collection.
 
-    A full collection walks every tracked object: with the benchmark's catalogue (100k items,
-    20k users) loaded, about 400k objects and 240 ms per pass, a pause that lands on whichever
-    requests are in flight. Frozen objects are still freed by reference counting when a
-    reload drops them; only reference cycles among them would stay. On a reload that loads a
-    new dataset version only the new objects are walked: 3.3 ms for the same catalogue.
+    A full collection walks every tracked object, and a loaded catalogue holds hundreds of
+    thousands of them: the pause lands on whichever requests are in flight. Frozen objects are
+    still freed by reference counting when a reload drops them; only reference cycles among
+    them would stay. On a reload that loads a new dataset version only the new objects are
+    walked. Measured pauses: docs/performance.md.
     """
     gc.collect()
     gc.freeze()

@@ -3,8 +3,8 @@
 ``@serve.batch`` forms its next batch while the previous one is still running: with a batch
 function that awaits another deployment, every batch closes after ``batch_wait_timeout_s`` with
 the one or two requests that arrived, and the batches then queue behind
-``max_concurrent_batches``. Under load that means one handle call per request, executed one
-after another (measured on 2 cores: 1.06 requests per retriever call at 8 concurrent clients).
+``max_concurrent_batches``. Under load that means about one handle call per request, executed
+one after another.
 
 ``Coalescer`` batches the other way round: a call starts when fewer than ``max_in_flight``
 are running, and everything that arrives while the calls are busy goes out together in the
@@ -15,9 +15,8 @@ were recently inside at once (waiting plus being computed, the peak over the las
 ``window_s``), or ``max_wait_s`` after its oldest item, whichever comes first. Without it, a
 closed loop of C clients settles into two groups of C/2 (one computed while the other's
 answers travel back and its next requests arrive), and a small product costs nearly as much
-as a full one (measured here: a (B, 64) @ (64, 100k) product on one thread takes 4-6 ms for
-any B from 2 to 16). The wave merges them into one pass. An idle caller never waits: the
-peak of a lone request is 1.
+as a full one (docs/performance.md). The wave merges them into one pass. An idle caller never
+waits: the peak of a lone request is 1.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ latency and status metrics per endpoint for every request, including the ones Fa
 ``FastPathAPI`` answers the hot request, ``GET /recommend/<user>`` with no query or only
 ``k=<digits>``, with the same handler as the FastAPI route (registered by the ingress in
 ``RUNTIME["recommend"]``) but without FastAPI's middleware, routing, dependency solving and
-request objects (about a fifth of the event loop's time per request). Every other form of the
+request objects, a large share of the event loop's time per request. Every other form of the
 request (other parameters, a malformed ``k``, a path with more segments) goes to FastAPI,
 which validates it. So does a fast-path request whose handler raises: FastAPI runs it again and
 answers the error with the app's own exception handlers (errors are rare; one set of handlers).

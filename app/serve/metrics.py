@@ -1,7 +1,7 @@
 """Prometheus metrics of the serving stage (``ray.serve.metrics``), created inside replicas.
 
 Exported on each node's Ray metrics export port as ``ray_scalerec_*`` next to Serve's built-in
-``ray_serve_*`` series (see app/serve/README_SECTION.md for the scrape config).
+``ray_serve_*`` series (the scrape config: docs/design.md, "Metrics").
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 LATENCY_BOUNDARIES_MS = [1, 2, 3, 5, 7.5, 10, 15, 20, 25, 35, 50, 75, 100, 250, 500, 1000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 FLUSH_S = 1.0
-"""Counts are added up in the replica and pushed to Ray at most this often (each push of a
-Ray metric costs tens of microseconds of the event loop; one per request per counter was
-about 7 % of a recommend request's event-loop time)."""
+"""Counts are added up in the replica and pushed to Ray at most this often: each push of a
+Ray metric costs event-loop time, too much to pay per request per counter."""
 
 
 class LocalCounts:

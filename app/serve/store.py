@@ -10,8 +10,8 @@
   follows.
 
 On a local (or NFS) lake, replicas check the log and the pointer on every request (one
-``scandir``/``stat``, microseconds). On S3 each event batch is its own object and replicas poll
-every ``pointer_poll_s``; the replica that accepted the events sees them at once.
+``scandir``/``stat``, cheap next to a request). On S3 each event batch is its own object and
+replicas poll every ``pointer_poll_s``; the replica that accepted the events sees them at once.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_top_k_matches_brute_force_with_many_ties() -> None:
 
 
 # --- agreement with ranx ---
-@pytest.mark.slow  # numba compiles ranx's metrics on first use (about 20 s)
+@pytest.mark.slow  # numba compiles ranx's metrics on first use, which takes a while
 def test_agrees_with_ranx() -> None:
     """Per-user NDCG@10, HR@10 and MRR@10 equal ranx on every user; Recall@10 equals ranx's
     recall (hits/|rel|) on users with |rel| <= 10, and hits@10 / 10 on users with |rel| > 10
