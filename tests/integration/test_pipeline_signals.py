@@ -83,7 +83,7 @@ def test_pipeline_stops_on_signal(tmp_path: Path, phase: str, sig: int, code: in
             proc.wait()
     out = log_path.read_text(errors="replace")
     after = out[before:]
-    assert rc == code, out[-3000:]
+    assert rc == code, f"exit {rc}: {out[-3000:]}"
     assert "Traceback" not in after, after[-3000:]
     assert ("terminated" if sig == signal.SIGTERM else "interrupted") + ": stopping Ray" in after
     assert not _listening(port)
