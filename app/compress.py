@@ -20,6 +20,7 @@ ones here), so fp16 saves storage, not retrieval time.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,9 @@ def _int8_gemm_available() -> bool:
     return True
 
 
-_INT8_GEMM = _int8_gemm_available()
+# torch's int8 kernel crashed the process (SIGSEGV) on an AVX-512 host for some table shapes
+# while its probe above passed, so it is opt-in; the fallback dequantizes per block (exact).
+_INT8_GEMM = os.environ.get("SCALEREC_INT8_GEMM") == "1" and _int8_gemm_available()
 
 
 class EmbeddingTable:
