@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
             "valid": int(data.valid.nnz),
             "test": int(data.test.nnz),
         },
-        "protocol": "DESIGN.md: temporal split, full ranking, chosen on valid, refit train+valid",
+        "protocol": "docs/design.md: temporal split, full ranking, valid-chosen, refit train+valid",
         "quick": ns.quick,
         "torch_training": "in-process plain Adam loop over app.model losses (not app.train.fit)",
         "rows": rows,
