@@ -1,7 +1,8 @@
 """Connecting to Ray: an embedded local cluster by default, or an existing cluster by address.
 
 Importing this module never starts Ray; jobs call ``connect(cfg.cluster)`` once, and their
-``__main__`` goes through ``run_job`` so that Ctrl-C and SIGTERM stop them cleanly in every phase.
+``__main__`` goes through ``run_job`` so that Ctrl-C stops them cleanly in every phase (SIGTERM
+takes the same path, except where Ray's core worker handles it first and aborts).
 """
 
 from __future__ import annotations

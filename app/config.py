@@ -33,9 +33,9 @@ class ConfigError(ValueError):
 _RAY_WORKING_DIR_MARK = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
 
 
-def in_ray_working_dir_copy(cwd: str | None = None) -> bool:
+def in_ray_working_dir_copy() -> bool:
     """Whether this process runs inside Ray's temporary copy of a job's ``--working-dir``."""
-    return _RAY_WORKING_DIR_MARK in (cwd or os.getcwd()) + os.sep
+    return _RAY_WORKING_DIR_MARK in os.getcwd() + os.sep
 
 
 def _absolute(value: str) -> str:
