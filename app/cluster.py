@@ -1,8 +1,7 @@
 """Connecting to Ray: an embedded local cluster by default, or an existing cluster by address.
 
 Importing this module never starts Ray; jobs call ``connect(cfg.cluster)`` once, and their
-``__main__`` goes through ``run_job`` so that Ctrl-C stops them cleanly in every phase (SIGTERM
-takes the same path, except where Ray's core worker handles it first and aborts).
+``__main__`` goes through ``run_job`` so that Ctrl-C and SIGTERM stop them cleanly in every phase.
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ def run_job(main: Callable[[], Any]) -> None:
 
     A second signal during that cleanup exits at once.
     """
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    own_signals()
     try:
         main()
     except KeyboardInterrupt as exc:
@@ -53,6 +51,18 @@ def run_job(main: Callable[[], Any]) -> None:
         print(f"\n{what}: stopping Ray", file=sys.stderr)
         shutdown()
         sys.exit(code)
+
+
+def own_signals() -> None:
+    """Install the job's Ctrl-C / SIGTERM handlers (again).
+
+    Ray replaces the process's SIGTERM handler while it starts (``ray.init``, and Ray's native
+    failure handler later, which prints a stack dump and aborts), so the waits that outlast
+    startup (training, serving) call this before they block. Only the main thread may.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def shutdown() -> None:
@@ -83,6 +93,7 @@ def call_in_thread(fn: Callable[[], T]) -> T:
 
     worker = threading.Thread(target=target, name="scalerec-fit", daemon=True)
     worker.start()
+    own_signals()
     while worker.is_alive():
         worker.join(0.2)  # a bounded wait, so that signals are handled promptly
     if "error" in box:
@@ -105,5 +116,6 @@ def connect(cluster: ClusterArgs) -> None:
             log.info("starting an embedded local Ray cluster (num_cpus=%s)", cluster.num_cpus)
             # address="local": never join another Ray instance running on this host.
             ray.init(address="local", num_cpus=cluster.num_cpus, log_to_driver=True)
+    own_signals()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cluster.progress_bars

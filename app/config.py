@@ -215,7 +215,7 @@ class TrainArgs(_Args):
     """Fit on train + validation (for the final model) instead of train only."""
     refit_final: bool = True
     """``jobs.train``: after validating a train-only fit, refit on train + validation with the
-    best epoch count and register that model (the DESIGN protocol); false registers the first."""
+    best epoch count and register that model (docs/design.md); false registers the first."""
     promote_to: Literal["none", "staging", "production"] = "staging"
     """Alias to point at the newly registered model (production goes through the gate)."""
 
@@ -323,7 +323,7 @@ class AppConfig(_Args):
     """Ray cluster."""
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
@@ -388,7 +388,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if key == "model" and not isinstance(value, dict):
             key = "model.version"
             value = str(value)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return AppConfig.model_validate(tree)
     except ValidationError as err:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app.config import AppConfig, ConfigError, _set_dotted
+from app.config import AppConfig, ConfigError, set_dotted
 
 if TYPE_CHECKING:
     from ray.tune import PlacementGroupFactory
@@ -126,7 +126,7 @@ def apply_params(cfg: AppConfig, params: dict[str, Any]) -> AppConfig:
     """``cfg`` with dotted ``params`` set, re-validated (a bad value raises in that trial only)."""
     tree = cfg.model_dump()
     for key, value in params.items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return AppConfig.model_validate(tree)
 
 

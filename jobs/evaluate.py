@@ -1,4 +1,4 @@
-"""Evaluate a registered model on its dataset's test split (full ranking, DESIGN protocol).
+"""Evaluate a registered model on its dataset's test split (full ranking, docs/design.md).
 
 Examples::
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from app import cluster
 from app.config import ConfigError, parse_overrides
 from app.serve.args import ServeAppArgs
 
@@ -113,6 +114,7 @@ def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
         print(json.dumps(answer, indent=2))
         if not exit_after_sample:
             print(f"serving on {url} (docs: {url}/docs); Ctrl-C stops")
+            cluster.own_signals()
             while True:
                 time.sleep(3600)
     finally:
