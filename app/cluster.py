@@ -101,6 +101,19 @@ def call_in_thread(fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
+def bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> None:
+    """Run ``fn`` for at most ``timeout_s`` seconds; on a timeout log it and go on.
+
+    For cleanup that waits on Ray actors: after a SIGTERM to the whole process group those
+    actors may be gone already, and Ray's own waits would hold the exit for their full timeout.
+    """
+    worker = threading.Thread(target=fn, name=f"scalerec-{what}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("%s did not finish within %.0f s; going on", what, timeout_s)
+
+
 def connect(cluster: ClusterArgs) -> None:
     """Start (or join) Ray once per process; a no-op when Ray is already initialised."""
     import ray

@@ -6,9 +6,13 @@ Every job calls ``load_config(path, overrides)``; each stage then receives only 
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -19,6 +23,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+T = TypeVar("T")
 
 MOVIELENS_VARIANTS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-20m", "ml-25m")
 
@@ -324,6 +330,7 @@ class AppConfig(_Args):
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``key="a.b.c"``, creating sections on the way."""
     parts = key.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
@@ -400,28 +407,37 @@ def config_to_yaml(cfg: AppConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def config_from_cli(description: str, argv: list[str] | None = None) -> AppConfig:
-    """Parse ``--config PATH [dotted.key=value ...]`` for a job; exits with a message on errors."""
-    import argparse
-    import logging
-    import sys
-
+def job_parser(description: str, config_example: str) -> argparse.ArgumentParser:
+    """The command line every job shares: ``--config PATH [dotted.key=value ...]``."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog="overrides: dotted keys, e.g. train.num_workers=2 lake=s3://bucket/lake",
     )
-    parser.add_argument(
-        "--config", required=True, help="YAML file, e.g. jobs/configs/synthetic.yaml"
-    )
+    parser.add_argument("--config", required=True, help=f"YAML file, e.g. {config_example}")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def setup_logging() -> None:
+    """Job logging: timestamps and logger names on stderr."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+
+
+def exit_on_config_error(load: Callable[[], T]) -> T:
+    """Run a config loader; a ``ConfigError`` prints its message and exits with status 2."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def config_from_cli(description: str, argv: list[str] | None = None) -> AppConfig:
+    """Parse ``--config PATH [dotted.key=value ...]`` for a job; exits with a message on errors."""
+    args = job_parser(description, "jobs/configs/synthetic.yaml").parse_args(argv)
+    setup_logging()
+    cfg = exit_on_config_error(lambda: load_config(args.config, args.overrides))
     logging.getLogger("scalerec").info("resolved config:\n%s", config_to_yaml(cfg))
     return cfg
