@@ -6,13 +6,9 @@ Every job calls ``load_config(path, overrides)``; each stage then receives only 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,8 +19,6 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-
-T = TypeVar("T")
 
 MOVIELENS_VARIANTS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-20m", "ml-25m")
 
@@ -250,20 +244,26 @@ class TuneArgs(_Args):
 
 
 class ServeArgs(_Args):
-    """Ray Serve application settings."""
+    """Ray Serve application settings.
+
+    The base of the Serve application's arguments (``app.serve.ServeAppArgs``). A pipeline run
+    deploys the Serve config named by ``config`` and overrides its ``host``, ``port`` and
+    ``cache_size`` with this section's; which source wins is decided in one place,
+    ``app.serve.args.resolve_settings``.
+    """
 
     model: str = "production"
     """Registry version or alias to serve."""
     host: str = "127.0.0.1"
-    """HTTP host."""
+    """HTTP host (a Serve config's ``http_options`` win over its ``args``)."""
     port: int = Field(8000, ge=1, le=65535)
-    """HTTP port."""
+    """HTTP port (a Serve config's ``http_options`` win over its ``args``)."""
     default_k: int = Field(10, ge=1)
     """Default number of recommendations."""
     max_k: int = Field(100, ge=1)
     """Largest k a request may ask for."""
     cache_size: int = Field(10_000, ge=0)
-    """Answers kept in the LRU cache (0 disables it)."""
+    """Answers kept in each ingress replica's LRU cache (0 disables it)."""
     cache_ttl_s: float = Field(60.0, gt=0.0)
     """Seconds a cached answer lives."""
     max_batch_size: int = Field(32, ge=1)
@@ -405,39 +405,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_to_yaml(cfg: AppConfig) -> str:
     """Render a resolved config as YAML (logged by every job, stored with every model)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def job_parser(description: str, config_example: str) -> argparse.ArgumentParser:
-    """The command line every job shares: ``--config PATH [dotted.key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog="overrides: dotted keys, e.g. train.num_workers=2 lake=s3://bucket/lake",
-    )
-    parser.add_argument("--config", required=True, help=f"YAML file, e.g. {config_example}")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    return parser
-
-
-def setup_logging() -> None:
-    """Job logging: timestamps and logger names on stderr."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-
-
-def exit_on_config_error(load: Callable[[], T]) -> T:
-    """Run a config loader; a ``ConfigError`` prints its message and exits with status 2."""
-    try:
-        return load()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def config_from_cli(description: str, argv: list[str] | None = None) -> AppConfig:
-    """Parse ``--config PATH [dotted.key=value ...]`` for a job; exits with a message on errors."""
-    args = job_parser(description, "jobs/configs/synthetic.yaml").parse_args(argv)
-    setup_logging()
-    cfg = exit_on_config_error(lambda: load_config(args.config, args.overrides))
-    logging.getLogger("scalerec").info("resolved config:\n%s", config_to_yaml(cfg))
-    return cfg

@@ -11,95 +11,29 @@ users with at least one relevant item:
 - HR@K = 1 if any hit; MRR@K = 1 / rank of the first hit (0 without a hit)
 - coverage@K = distinct items in all top-K lists of the evaluated users / number of items
 
-Ties in scores go to the lower item index. Averages are computed from exact (error-free) sums, so
-``evaluate`` and the Ray Data version ``evaluate_ds`` give bit-identical numbers whatever the
-batching, as long as the model's scores themselves do not depend on the batch.
+Lists come from ``app.models.top_k`` (equal scores: lower item index first). Averages are
+computed from exact (error-free) sums, so ``evaluate`` and the Ray Data version ``evaluate_ds``
+give bit-identical numbers whatever the batching, as long as the model's scores themselves do
+not depend on the batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-if TYPE_CHECKING:
-    from app.config import AppConfig
-    from app.model import Recommender
+from app.config import ModelArgs
+from app.models import Recommender, build_model, top_k
+from app.store import DatasetVersion, Lake, load_dataset, load_model, update_metrics
 
 METRICS = ("ndcg", "recall", "hr", "mrr")
 """Per-user metrics, in the order of the result keys (coverage is a catalogue-level metric)."""
 
 _TABLE_COLUMNS = ("ndcg", "recall", "hr", "mrr", "coverage")
-
-
-def top_k(scores: np.ndarray, exclude: sp.csr_matrix | None, k: int) -> np.ndarray:
-    """Indices of the ``k`` best items per row, best first.
-
-    Ties go to the lower item index. Excluded items are never returned: when a row has fewer than
-    ``k`` candidates the remaining slots hold ``-1``. NaN and ``-inf`` scores rank after every
-    finite score (as the dtype's lowest finite value) but remain candidates.
-
-    Args:
-        scores: ``(n_rows, n_items)`` scores; not modified.
-        exclude: ``(n_rows, n_items)`` matrix whose non-zero entries are excluded, or None.
-        k: List length.
-
-    Returns:
-        ``(n_rows, k)`` int64 item indices.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be 2-D (users x items), got shape {scores.shape}")
-    n_rows, n_items = scores.shape
-    out = np.full((n_rows, k), -1, dtype=np.int64)
-    if n_rows == 0 or n_items == 0:
-        return out
-    dtype = scores.dtype if np.issubdtype(scores.dtype, np.floating) else np.dtype(np.float64)
-    s = np.array(scores, dtype=dtype, copy=True)
-    # Map NaN / -inf to the lowest finite value so that -inf is reserved for excluded items.
-    s[~(s > -np.inf)] = np.finfo(dtype).min
-    if exclude is not None:
-        if exclude.shape != scores.shape:
-            raise ValueError(f"exclude has shape {exclude.shape}, scores {scores.shape}")
-        ex = sp.csr_matrix(exclude)
-        ex.eliminate_zeros()
-        rows = np.repeat(np.arange(n_rows), np.diff(ex.indptr))
-        s[rows, ex.indices] = -np.inf
-    kk = min(k, n_items)
-    idx = np.argpartition(s, n_items - kk, axis=1)[:, n_items - kk :]
-    rr = np.arange(n_rows)[:, None]
-    vals = s[rr, idx]
-    kth = vals.min(axis=1)
-    # argpartition picks arbitrary items among ties at the boundary: redo those rows exactly.
-    n_eq_all = np.count_nonzero(s == kth[:, None], axis=1)
-    n_eq_sel = np.count_nonzero(vals == kth[:, None], axis=1)
-    fix = np.flatnonzero(n_eq_all > n_eq_sel)
-    if fix.size:
-        sub = s[fix]
-        t = kth[fix][:, None]
-        gt = sub > t
-        eq = sub == t
-        need = kk - np.count_nonzero(gt, axis=1)
-        rows_gt, cols_gt = np.nonzero(gt)
-        rows_eq, cols_eq = np.nonzero(eq)  # row-major: each row's tied items by ascending index
-        first = np.concatenate(([0], np.cumsum(np.bincount(rows_eq, minlength=len(fix)))[:-1]))
-        keep = np.arange(rows_eq.size) - first[rows_eq] < need[rows_eq]
-        rows = np.concatenate((rows_gt, rows_eq[keep]))
-        cols = np.concatenate((cols_gt, cols_eq[keep]))
-        idx[fix] = cols[np.argsort(rows, kind="stable")].reshape(len(fix), kk)
-        vals[fix] = sub[np.arange(len(fix))[:, None], idx[fix]]
-    # lexsort: the last key is primary (score, descending), then item index ascending.
-    order = np.lexsort((idx, -vals), axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    vals = np.take_along_axis(vals, order, axis=1)
-    idx[vals == -np.inf] = -1
-    out[:, :kk] = idx
-    return out
 
 
 def _discounts(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -274,8 +208,29 @@ def evaluate(
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
         scores = score_fn(batch)
-        acc.add_batch(top_k(scores, history[batch], k), target[batch])
+        acc.add_batch(top_k(scores, history[batch], k).indices, target[batch])
     return acc.result(target.shape[1])
+
+
+def evaluate_model(
+    model: Recommender,
+    history: sp.csr_matrix,
+    target: sp.csr_matrix,
+    k: int = 10,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """``evaluate`` with ``model.score(users, history[users])`` as the score function."""
+    return evaluate(
+        lambda users: model.score(users, history[users]), history, target, k, batch_size
+    )
+
+
+def validation_metrics(
+    model: Recommender, history: sp.csr_matrix, target: sp.csr_matrix, k: int = 10
+) -> dict[str, float]:
+    """``evaluate_model``'s metrics under ``valid_`` keys (``valid_ndcg@10`` ...), no user count."""
+    metrics = evaluate_model(model, history, target, k)
+    return {f"valid_{key}": float(v) for key, v in metrics.items() if key != "users"}
 
 
 class _EvalBatch:
@@ -296,7 +251,7 @@ class _EvalBatch:
         acc = _Accumulator(self.k)
         hist = self.history[users]
         scores = self.model.score(users, hist)
-        acc.add_batch(top_k(scores, hist, self.k), self.target[users])
+        acc.add_batch(top_k(scores, hist, self.k).indices, self.target[users])
         summary = acc.summary()
         # One row per batch; ragged columns are stored as object arrays of 1-D arrays.
         out: dict[str, np.ndarray] = {"users": np.array([summary["users"]], dtype=np.int64)}
@@ -396,26 +351,24 @@ def margin_line(model: dict[str, Any], baselines: list[dict[str, Any]], k: int =
     )
 
 
-def run(cfg: AppConfig, model_ref: str) -> dict[str, float]:
+def run(lake: Lake, name: str, model_ref: str = "latest") -> dict[str, float]:
     """Evaluate a registered model on its dataset version's test split; store and return metrics.
 
     History is train + validation (the protocol's test setting) whether the model was refit on
     train + validation or fit on train only; the latter is recorded as ``test_fit_on: train``.
     Metrics are merged into the version's ``metrics.json`` as ``ndcg@10`` ... plus ``test_users``.
-    """
-    from app.dataset import load_dataset
-    from app.lake import Lake
-    from app.registry import load_model, registry_name, update_metrics
 
-    lake = Lake(cfg.lake)
-    name = registry_name(cfg)
+    Args:
+        lake: The lake holding the registry.
+        name: Registry name of the model.
+        model_ref: Version id, unique prefix, ``latest`` or an alias.
+    """
     model, record = load_model(lake, name, model_ref)
     ds_info = record.lineage["dataset"]
     dataset = load_dataset(lake, ds_info["name"], ds_info["version"])
     # The model's own history (e.g. recency-weighted); its pattern is train + valid.
     history = model.history(dataset, "train", "valid")
-    target = dataset.csr("test")
-    metrics = evaluate_ds(model, history, target)
+    metrics = evaluate_ds(model, history, dataset.csr("test"))
     refit = bool(record.config.get("train", {}).get("refit", False))
     # Test metrics under the bare keys (``ndcg@10`` ...); validation ones carry ``valid_``.
     stored: dict[str, Any] = {key: value for key, value in metrics.items() if key != "users"}
@@ -426,15 +379,14 @@ def run(cfg: AppConfig, model_ref: str) -> dict[str, float]:
     return metrics
 
 
-def baselines(dataset: Any, k: int = 10, ease_lambda: float = 500.0) -> list[dict[str, Any]]:
+def baselines(
+    dataset: DatasetVersion, k: int = 10, ease_lambda: float = 500.0
+) -> list[dict[str, Any]]:
     """Popularity and EASE refit on train + validation and scored on test, for comparison tables.
 
     EASE is skipped (with a note in the row) when the catalogue is too large for its dense
     item-item matrix.
     """
-    from app.config import ModelArgs
-    from app.model import build_model
-
     history = dataset.csr("train", "valid")
     target = dataset.csr("test")
     rows: list[dict[str, Any]] = []
@@ -444,8 +396,8 @@ def baselines(dataset: Any, k: int = 10, ease_lambda: float = 500.0) -> list[dic
         except ValueError as exc:
             rows.append({"model": f"{args.name} (skipped: {exc})"})
             continue
-        model.fit(history)  # type: ignore[attr-defined]
-        metrics = evaluate(lambda u, m=model: m.score(u, history[u]), history, target, k=k)
+        model.fit(history)
+        metrics = evaluate_model(model, history, target, k=k)
         label = args.name if args.name != "ease" else f"ease (lambda {ease_lambda:g})"
         rows.append({"model": f"{label} [baseline]", **metrics})
     return rows

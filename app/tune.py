@@ -24,16 +24,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from app import train
 from app.config import AppConfig, ConfigError, set_dotted
+from app.store import DatasetVersion, Lake, ModelRecord
 
 if TYPE_CHECKING:
     from ray.tune import PlacementGroupFactory
 
-    from app.registry import ModelRecord
-
 log = logging.getLogger(__name__)
 
-METRIC = "valid_ndcg@10"
+METRIC = train.VALID_METRIC
 TIME_ATTR = "epoch"
 """Per-epoch key of ``train_loop_per_worker``'s reports (survives Train worker restarts)."""
 TRIAL_DRIVER_CPUS = 0.01
@@ -135,29 +135,31 @@ def _trial_cfg(cfg: AppConfig, params: dict[str, Any]) -> AppConfig:
     cfg = apply_params(cfg, params)
     epochs = min(int(params.get("train.epochs", cfg.tune.max_epochs)), cfg.tune.max_epochs)
     # Local mode (num_workers=0) calls no Train callbacks, so Tune would see no reports.
-    train = {"refit": False, "eval_every": 1, "epochs": epochs}
-    train["num_workers"] = max(cfg.train.num_workers, 1)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+    workers = max(cfg.train.num_workers, 1)
+    return train.with_train(cfg, refit=False, eval_every=1, epochs=epochs, num_workers=workers)
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], dataset: list[str], runs: str) -> None:
+def _trial(config: dict[str, Any], base: AppConfig, dataset: DatasetVersion, runs: Lake) -> None:
     """One trial: a Ray Train run whose per-epoch reports reach Tune (closed form: one fit)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from app import train
-    from app.dataset import load_dataset
-
-    cfg = _trial_cfg(AppConfig.model_validate(base), config)
-    ds = load_dataset(*dataset)
+    cfg = _trial_cfg(base, config)
     if cfg.model.name in train.CLOSED_FORM:
         # Closed-form families (EASE, EDLAE, popularity) are fit in the trial itself by the
         # training stage's own path: one "epoch", one report.
-        tune.report(train.fit(cfg, ds).last_metrics)
+        tune.report(train.fit(dataset, cfg.model, cfg.train, seed=cfg.seed).last_metrics)
         return
     # A stable run name: a restored trial resumes its Train run from the last checkpoint.
-    name = tune.get_context().get_trial_id()
-    trainer = train.build_trainer(cfg, ds, runs, name, callbacks=[TuneReportCallback()])
+    trainer = train.build_trainer(
+        dataset,
+        cfg.model,
+        cfg.train,
+        runs=runs,
+        name=tune.get_context().get_trial_id(),
+        seed=cfg.seed,
+        callbacks=[TuneReportCallback()],
+    )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -167,17 +169,14 @@ def trial_resources(base_family: str, config: dict[str, Any]) -> PlacementGroupF
     """A trial's own CPUs: a closed-form fit computes in the trial, a Train run in its workers."""
     from ray.tune import PlacementGroupFactory
 
-    from app.train import CLOSED_FORM
-
     family = config.get("model.name", base_family)
-    cpus = CLOSED_FORM_TRIAL_CPUS if family in CLOSED_FORM else TRIAL_DRIVER_CPUS
+    cpus = CLOSED_FORM_TRIAL_CPUS if family in train.CLOSED_FORM else TRIAL_DRIVER_CPUS
     return PlacementGroupFactory([{"CPU": cpus}])
 
 
-def experiment_path(cfg: AppConfig) -> str:
-    """Where the search lives: ``<lake>/tune/<tune.name or data.name>``."""
-    name = cfg.tune.name or cfg.data.name
-    return posixpath.join(cfg.lake.rstrip("/"), "tune", name)
+def experiment(cfg: AppConfig, ds: DatasetVersion) -> Lake:
+    """Where the search lives: ``<dataset's lake>/tune/<tune.name or data.name>``."""
+    return Lake(ds.lake.full_uri("tune", cfg.tune.name or cfg.data.name))
 
 
 def _searcher(kind: str, cfg: AppConfig) -> Any:
@@ -204,12 +203,17 @@ def _default_searcher() -> str:
 
 
 def build_tuner(
-    cfg: AppConfig, resume: bool = False, searcher: str | None = None, callbacks: list | None = None
+    cfg: AppConfig,
+    ds: DatasetVersion,
+    resume: bool = False,
+    searcher: str | None = None,
+    callbacks: list | None = None,
 ) -> Any:
     """The ``Tuner`` for ``cfg``'s search, restored from ``<lake>/tune/<name>`` when asked.
 
     Args:
         cfg: The whole config; trials vary the keys of the search space.
+        ds: The dataset version every trial trains on.
         resume: Continue an interrupted search at the experiment path instead of starting over.
         searcher: ``optuna`` (default when installed) or ``random``.
         callbacks: Extra Tune callbacks.
@@ -217,22 +221,14 @@ def build_tuner(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from app.train import _storage, dataset_for
-
-    ds = dataset_for(cfg)
-    path = experiment_path(cfg)
-    storage, filesystem = _storage(path)
+    where = experiment(cfg, ds)
+    storage, filesystem = train.ray_storage(where)
     trainable = tune.with_resources(
-        tune.with_parameters(
-            _trial,
-            base=cfg.model_dump(mode="json"),
-            dataset=[ds.lake.uri, ds.name, ds.version],
-            runs=posixpath.join(path, "runs"),
-        ),
+        tune.with_parameters(_trial, base=cfg, dataset=ds, runs=Lake(where.full_uri("runs"))),
         functools.partial(trial_resources, cfg.model.name),
     )
     if resume and tune.Tuner.can_restore(storage, storage_filesystem=filesystem):
-        log.info("resuming the search at %s", path)
+        log.info("resuming the search at %s", where.uri)
         # Errored trials stay errored: a bad configuration would only fail again.
         return tune.Tuner.restore(storage, trainable, storage_filesystem=filesystem)
     space = build_search_space(cfg.tune.search_space)
@@ -270,8 +266,6 @@ def build_tuner(
 
 def trial_rows(results: Any, space_keys: list[str], max_epochs: int) -> list[tuple[TrialRow, Any]]:
     """The search history of a ``ResultGrid``: (row, ``Result``) per trial, best first."""
-    from app.train import CLOSED_FORM
-
     rows = []
     for result in results:
         config = result.config or {}
@@ -284,7 +278,7 @@ def trial_rows(results: Any, space_keys: list[str], max_epochs: int) -> list[tup
                 i = df[METRIC].idxmax()
                 best, best_epoch = float(df[METRIC][i]), int(df[TIME_ATTR][i])
         planned = min(int(config.get("train.epochs", max_epochs)), max_epochs)
-        if config.get("model.name") in CLOSED_FORM:
+        if config.get("model.name") in train.CLOSED_FORM:
             planned = 1  # one fit, one report
         if result.error is not None:
             status = "error"
@@ -346,11 +340,14 @@ def format_trials(rows: list[dict[str, Any]] | list[TrialRow]) -> str:
     return "\n".join(fmt.format(*row) for row in [head, *lines])
 
 
-def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None) -> ModelRecord:
+def run(
+    cfg: AppConfig, ds: DatasetVersion, resume: bool | None = None, searcher: str | None = None
+) -> ModelRecord:
     """Search, refit the best configuration on train + validation, register and promote it.
 
     Args:
         cfg: The whole config (``tune`` drives the search, the rest is each trial's base).
+        ds: The dataset version to search and refit on; the model is registered in its lake.
         resume: Continue an interrupted search (default ``tune.resume``, else false).
         searcher: ``optuna`` or ``random`` (default ``tune.searcher``, else Optuna when
             installed).
@@ -359,12 +356,10 @@ def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None)
         The registry record of the refit model; its lineage holds the search history under
         ``tune``.
     """
-    from app import train
-
     resume = cfg.tune.resume if resume is None else resume
     searcher = searcher or cfg.tune.searcher or _default_searcher()
     t0 = time.perf_counter()
-    results = build_tuner(cfg, resume=resume, searcher=searcher).fit()
+    results = build_tuner(cfg, ds, resume=resume, searcher=searcher).fit()
     search_s = time.perf_counter() - t0
     space_keys = list({**DEFAULT_SEARCH_SPACE, **cfg.tune.search_space})
     pairs = trial_rows(results, space_keys, cfg.tune.max_epochs)
@@ -389,7 +384,7 @@ def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None)
         run=best_row.get("checkpoint_path"),
         lineage={
             "tune": {
-                "experiment": experiment_path(cfg),
+                "experiment": experiment(cfg, ds).uri,
                 "searcher": searcher,
                 "scheduler": "ASHA",
                 "metric": METRIC,
@@ -400,7 +395,6 @@ def run(cfg: AppConfig, resume: bool | None = None, searcher: str | None = None)
             },
         },
     )
-    ds = train.dataset_for(cfg)
     return train.register_validated(
         chosen, ds, refit=True, promote_to=cfg.tune.promote_to, reason="jobs.tune"
     )

@@ -23,10 +23,20 @@ import pyarrow.parquet as pq
 
 from app import predict
 from app.config import AppConfig, ClusterArgs, DataArgs, ModelArgs
-from app.dataset import ITEM_ID, ITEM_IDX, USER_ID, USER_IDX, load_dataset, write_dataset
-from app.lake import Lake
-from app.model import build_model
-from app.registry import load_model, register, registry_name
+from app.models import build_model
+from app.store import (
+    ITEM_ID,
+    ITEM_IDX,
+    USER_ID,
+    USER_IDX,
+    Lake,
+    load_dataset,
+    load_model,
+    read_predictions,
+    register,
+    registry_name,
+    write_dataset,
+)
 
 RESULTS = Path(__file__).parent / "results" / "batch_predict.json"
 PER_USER = {"train": 3, "valid": 1, "test": 1}
@@ -50,9 +60,9 @@ def _write_dataset(lake: Lake, n_users: int, n_items: int) -> None:
     )
 
 
-def _single_process(lake: Lake, cfg: AppConfig, out_dir: str, batch: int) -> int:
+def _single_process(lake: Lake, name: str, out_dir: str, batch: int) -> int:
     """The baseline: one loop, same model, history, top-K, id mapping and Parquet output."""
-    model, _ = load_model(lake, registry_name(cfg), "latest")
+    model, _ = load_model(lake, name, "latest")
     ds = load_dataset(lake, "bench")
     history = ds.csr("train", "valid")
     user_ids = np.asarray(ds.users().column(USER_ID).to_pylist(), dtype=object)
@@ -90,20 +100,27 @@ def main() -> None:
     _write_dataset(lake, args.users, args.items)
     ds = load_dataset(lake, "bench")
     model = build_model(cfg.model, args.users, args.items, seed=0)
-    register(lake, registry_name(cfg), model, cfg, ds, {})
+    name = registry_name(cfg.data.name, cfg.model.name)
+    register(lake, name, model, cfg, ds, {})
     setup_s = time.perf_counter() - t0
 
     cluster.connect(cfg.cluster)
     t0 = time.perf_counter()
     path = predict.run(
-        cfg, k=10, num_actors=args.actors, num_cpus=args.cpus_per_actor, batch_size=args.batch
+        lake,
+        name,
+        None,
+        k=10,
+        num_actors=args.actors,
+        num_cpus=args.cpus_per_actor,
+        batch_size=args.batch,
     )
     ray_s = time.perf_counter() - t0
-    rows = predict.read_predictions(lake, "latest").num_rows
+    rows = read_predictions(lake, "latest").num_rows
 
     base_dir = tempfile.mkdtemp(prefix="single-", dir=root)
     t0 = time.perf_counter()
-    base_rows = _single_process(lake, cfg, base_dir, args.batch)
+    base_rows = _single_process(lake, name, base_dir, args.batch)
     single_s = time.perf_counter() - t0
     assert rows == base_rows == args.users, (rows, base_rows)
 

@@ -2,9 +2,11 @@
 
 python -m bench.compress [--items 1000000] [--epochs 10]
 
-Trains an MF model (in process, exact softmax) on ml-latest-small ingested with ``app.data.run``
-into a temporary lake, evaluates each variant under the test protocol, and times top-10 search on
-that catalogue and on a synthetic 1M-item x 64-dim table. Writes ``bench/results/compress.json``.
+Trains an MF model (``TorchRecommender.fit`` in process, exact softmax) on ml-latest-small
+ingested with ``app.ingest.run`` into a temporary lake, evaluates each variant under the test
+protocol, and times top-10 search on that catalogue and on a synthetic 1M-item x 64-dim table
+against the fp32 baseline (numpy product + ``app.models.top_k``). Writes
+``bench/results/compress.json``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.compress import MODES, EmbeddingTable, QuantizedRecommender, state_nbytes
 from app.config import DataArgs, ModelArgs
-from app.evaluate import evaluate, top_k
-from app.model import build_model
-from bench.quality import train_plain
+from app.evaluate import evaluate
+from app.models import (
+    QUANTIZE_MODES,
+    EmbeddingTable,
+    QuantizedRecommender,
+    TorchRecommender,
+    build_model,
+    state_nbytes,
+    top_k,
+)
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
 ML_SMALL = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small")
@@ -39,13 +47,12 @@ def _median_ms(fn: Any, reps: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def _train_mf(train: Any, epochs: int, seed: int = 0) -> Any:
+def _train_mf(train: Any, epochs: int, seed: int = 0) -> TorchRecommender:
     n_users, n_items = train.shape
     args = ModelArgs(name="mf", embed_dim=64, num_negatives=n_items, temperature=0.1)
     model = build_model(args, n_users, n_items, seed=seed)
-    for _ in train_plain(model, train, epochs, seed):
-        pass
-    return model
+    assert isinstance(model, TorchRecommender)
+    return model.fit(train, epochs=epochs, seed=seed)
 
 
 def _search_ndcg(model: Any, history: Any, target: Any) -> float:
@@ -67,11 +74,11 @@ def _latency(x: np.ndarray, batch: int, reps: int) -> dict[str, Any]:
     queries = x[rng.integers(len(x), size=batch)] + 0.1 * rng.standard_normal(
         (batch, x.shape[1]), dtype=np.float32
     )
-    exact = top_k(queries @ x.T, None, 10)
+    exact = top_k(queries @ x.T, None, 10).indices
     out: dict[str, Any] = {
         "numpy_bruteforce_ms": _median_ms(lambda: top_k(queries @ x.T, None, 10), reps)
     }
-    for mode in MODES:
+    for mode in QUANTIZE_MODES:
         table = EmbeddingTable.from_float(x, mode)
         idx, _ = table.search(queries, 10)
         overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact, strict=True)])
@@ -101,12 +108,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    from app import cluster, data
+    from app import cluster, ingest
     from app.config import ClusterArgs
+    from app.store import Lake
 
     cluster.connect(ClusterArgs(num_cpus=2, progress_bars=False))
-    lake = tempfile.mkdtemp(prefix="bench-compress-")
-    ds = data.run(
+    lake = Lake(tempfile.mkdtemp(prefix="bench-compress-"))
+    ds = ingest.run(
         DataArgs(name="ml-latest-small", source="movielens", path=ML_SMALL), lake, seed=42
     )
     history, target = ds.csr("train", "valid"), ds.csr("test")
@@ -115,7 +123,7 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     full_bytes = state_nbytes(mf.state_dict())
     rows: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in QUANTIZE_MODES:
         # The "none" wrapper keeps fp32 and gives the same search path as the baseline.
         model = QuantizedRecommender(mf, mode)
         scored = evaluate(lambda b, m=model: m.score(b, history[b]), history, target)
@@ -125,7 +133,7 @@ def main() -> None:
             "recall@10": scored["recall@10"],
         }
         rows[mode]["ndcg@10_search_path"] = _search_ndcg(model, history, target)
-    for mode in MODES:
+    for mode in QUANTIZE_MODES:
         rows[mode]["size_ratio"] = full_bytes / rows[mode]["model_bytes"]
         rows[mode]["ndcg_rel_change"] = rows[mode]["ndcg@10"] / rows["none"]["ndcg@10"] - 1.0
     items = mf.item_embeddings()
@@ -157,7 +165,7 @@ def main() -> None:
             f"{r['ndcg_rel_change']:>+8.4f}"
         )
     for name, lat in [*result["latency_ml_small"].items(), *result["latency_synthetic"].items()]:
-        cells = " ".join(f"{m}={lat[m]['ms']:.2f}ms" for m in MODES)
+        cells = " ".join(f"{m}={lat[m]['ms']:.2f}ms" for m in QUANTIZE_MODES)
         print(
             f"{name:9} numpy={lat['numpy_bruteforce_ms']:.2f}ms {cells} "
             f"int8x={lat['int8_speedup_vs_none']:.2f}"

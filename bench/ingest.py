@@ -1,11 +1,11 @@
-"""Ingest benchmark: the Ray Data pipeline (``app.data.run``) against plain single-process pyarrow.
+"""Ingest benchmark: the Ray Data pipeline (``app.ingest.run``) against single-process pyarrow.
 
 Run by ``python -m bench.ingest`` (``make bench``); ``--quick`` is a one-minute smoke run.
 
 For each workload size (raw synthetic interactions in Parquet on local disk) it measures, in the
 same run, the wall time and peak memory of
 
-- ``ray``: ``app.data.run`` on a local Ray cluster started once with ``--cpus`` logical CPUs;
+- ``ray``: ``app.ingest.run`` on a local Ray cluster started once with ``--cpus`` logical CPUs;
   memory is the summed PSS of the driver and every process it started (GCS, raylet, Ray workers:
   object-store pages are shared, so PSS counts each page once across processes);
 - ``baseline``: the same steps (read, validate, dedupe, temporal split, id maps, encode, write)
@@ -46,7 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "ingest.json"
 TARGET_THROUGHPUT_RATIO = 1.0
 TARGET_MEMORY_GROWTH = 3.0
 _SPLITS = ("train", "valid", "test")
-# Raw column names written by app.sources.generate_synthetic.
+# Raw column names written by app.ingest.generate_synthetic (the baseline does not import app).
 _COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "rating": "rating"}
 _EVENT = "event"
 _ID_PAD = 20
@@ -95,7 +95,7 @@ def _ensure_data(workdir: Path, n: int) -> Path:
 
 def _generate(workdir: Path, n: int) -> None:
     from app.config import SyntheticArgs
-    from app.sources import generate_synthetic
+    from app.ingest import generate_synthetic
 
     out = _data_dir(workdir, n)
     tmp = out.with_name(out.name + ".tmp")
@@ -458,69 +458,28 @@ def _run_baseline(data_dir: Path, out: Path, cpus: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- Ray pipeline
 
 
-class _PhaseTimer:
-    """Times the phases of ``app.data.run`` by wrapping what it calls (app/data.py is unchanged)."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self.operators: list[str] = []
-        self._undo: list[tuple[Any, str, Any]] = []
-
-    def _wrap(self, owner: Any, name: str, label: str, stats: bool = False) -> None:
-        original = getattr(owner, name)
-        timer = self
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                key = label if label not in timer.phases else f"{label}_2"
-                timer.phases[key] = round(time.perf_counter() - t, 3)
-                if stats and args:
-                    timer.operators += _operator_lines(args[0])
-
-        setattr(owner, name, wrapped)
-        self._undo.append((owner, name, original))
-
-    def __enter__(self) -> _PhaseTimer:
-        import ray.data
-
-        import app.data
-
-        self._wrap(app.data, "resolve_source", "resolve")
-        self._wrap(app.data, "_fingerprint", "fingerprint_sha256")
-        self._wrap(app.data, "_preflight", "preflight")
-        self._wrap(app.data, "_collect_stats", "stats_collect")
-        self._wrap(app.data, "_id_table", "id_table")
-        # 1st write: read → normalise → shuffle → dedupe/split → stage; 2nd: encode → write splits
-        self._wrap(ray.data.Dataset, "write_parquet", "write", stats=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
-
-    def report(self) -> dict[str, Any]:
-        """Phase seconds (named after what they run) and Ray Data's per-operator summary."""
-        names = {
-            "write": "read_normalise_shuffle_dedupe_stage",
-            "write_2": "encode_write_splits",
-            "id_table": "id_table_users",
-            "id_table_2": "id_table_items",
-        }
-        return {
-            "phases_s": {names.get(k, k): v for k, v in self.phases.items()},
-            "ray_data_operators": self.operators,
-        }
+# Phase names of app.ingest.IngestProfile -> the names bench/results/ingest.json has used.
+_PHASE_NAMES = {
+    "fingerprint": "fingerprint_sha256",
+    "check_headers": "preflight",
+    "stage": "read_normalise_shuffle_dedupe_stage",
+    "stats": "stats_collect",
+    "write_splits": "encode_write_splits",
+}
 
 
-def _operator_lines(ds: Any) -> list[str]:
-    """The operator lines and remote wall/CPU totals of a Dataset's last execution stats."""
-    try:
-        text = ds.stats()
-    except Exception:  # noqa: BLE001 - stats are a best-effort extra
-        return []
+def _profile_report(profile: Any) -> dict[str, Any]:
+    """Phase seconds (named after what they run) and Ray Data's per-operator summary."""
+    return {
+        "phases_s": {_PHASE_NAMES.get(k, k): v for k, v in profile.phases.items()},
+        "ray_data_operators": [
+            line for text in profile.dataset_stats for line in _operator_lines(text)
+        ],
+    }
+
+
+def _operator_lines(text: str) -> list[str]:
+    """The operator lines and remote wall/CPU totals of a Dataset's execution stats."""
     keep = []
     for line in text.splitlines():
         s = line.strip()
@@ -556,8 +515,9 @@ def _start_ray(cpus: int, dashboard: bool) -> None:
 
 
 def _run_ray(data_dir: Path, lake: Path, store_reader: Any) -> dict[str, Any]:
-    from app.config import ColumnMap, DataArgs
-    from app.data import run
+    from app.config import DataArgs
+    from app.ingest import SYNTHETIC_COLUMNS, IngestProfile, run
+    from app.store import Lake
 
     shutil.rmtree(lake, ignore_errors=True)
     data = DataArgs(
@@ -565,19 +525,13 @@ def _run_ray(data_dir: Path, lake: Path, store_reader: Any) -> dict[str, Any]:
         source="files",
         format="parquet",
         path=str(data_dir),
-        columns=ColumnMap(
-            user=_COLUMNS["user"],
-            item=_COLUMNS["item"],
-            timestamp=_COLUMNS["timestamp"],
-            rating=_COLUMNS["rating"],
-            event=_EVENT,
-        ),
+        columns=SYNTHETIC_COLUMNS,
     )
     sampler = _MemorySampler(os.getpid(), store_reader)
     sampler.start()
     t0 = time.perf_counter()
-    with _PhaseTimer() as timer:
-        version = run(data, lake_uri=str(lake))
+    profile = IngestProfile()
+    version = run(data, Lake(str(lake)), profile=profile)
     seconds = time.perf_counter() - t0
     sampler.stop()
     m = version.manifest
@@ -591,7 +545,7 @@ def _run_ray(data_dir: Path, lake: Path, store_reader: Any) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "manifest_ingest_seconds": m["ingest_seconds"],
         **sampler.report(),
-        **timer.report(),
+        **_profile_report(profile),
         "rows_read": m["rows_read"],
         "rows_quarantined": m["rows_quarantined"],
         "duplicates_collapsed": m["duplicates_collapsed"],
@@ -772,7 +726,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "baseline": "peak RSS (ru_maxrss) of the single baseline process, exact.",
             "idle_cluster_pss_mb": idle_mb,
         },
-        "throughput": "raw input rows / wall seconds of the whole ingest (Ray: app.data.run, "
+        "throughput": "raw input rows / wall seconds of the whole ingest (Ray: app.ingest.run, "
         "including input fingerprinting; baseline: read to written files)",
         "sizes": results,
         "machine": {
@@ -794,16 +748,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 def _cast_probe(data_dir: Path) -> dict[str, Any]:
-    """Time ``app.data._as_binary`` on one int64 id column against a cast through ``string``.
+    """Time ``app.ingest.as_binary`` on one int64 id column against a cast through ``string``.
 
-    Parquet ids are int64 here; Arrow has no int64 → binary cast, so ``_as_binary`` falls back to
-    one ``json.dumps`` per value (the output is the same text either way).
+    Parquet ids are int64 here; Arrow has no int64 → binary cast, so ``as_binary`` must go another
+    way (the output is the same text either way).
     """
-    from app.data import _as_binary
+    from app.ingest import as_binary
 
     col = pq.read_table(_raw_files(data_dir)[0], columns=[_COLUMNS["user"]]).column(0)
     t0 = time.process_time()
-    slow = _as_binary(col)
+    slow = as_binary(col)
     t1 = time.process_time()
     fast = pc.cast(pc.cast(col, pa.string()), pa.binary())
     t2 = time.process_time()
@@ -837,8 +791,8 @@ def _notes(result: dict[str, Any]) -> list[str]:
             f"throughput: at {large['rows']:,} rows Ray ran {large['ray']['seconds']}s against "
             f"{large['baseline']['seconds']}s for the baseline (ratio "
             f"{large['throughput_ratio_ray_over_baseline']}). Ray's phases: {phases}. "
-            "Causes: (1) app.data._as_binary has no int64 → binary cast and converts every "
-            f"int id and timestamp with json.dumps ({probe.get('as_binary_cpu_us_per_value')} "
+            "Causes: (1) app.ingest.as_binary turns every int id and timestamp into text, as "
+            f"Arrow has no int64 → binary cast ({probe.get('as_binary_cpu_us_per_value')} "
             "µs/value against "
             f"{probe.get('cast_via_string_cpu_us_per_value')} µs via a string cast, 3 int "
             "columns per row); (2) the pipeline makes three passes with a Parquet round trip "

@@ -11,10 +11,11 @@ validation and scored on test (history = train + validation). Test numbers never
 Baselines (``baseline: true``): popularity, implicit ALS and BPR, ItemKNN cosine (implicit's
 ``CosineRecommender``) and EASE. EASE is solved by ``EDLAE(dropout=0)`` on a binary history,
 which is the EASE closed form (``test_edlae_without_dropout_is_ease`` checks it against
-``app.model.EASE``) but solved by Cholesky on the items that have interactions only.
-ScaleRec's own: MF and two-tower (``app.model`` modules and loss, trained in this process by a
-plain Adam loop with the settings of ``app.train``: batch 1024, lr 0.005; the epoch count is
-chosen on validation), EDLAE scored on a recency-weighted history (``recency_weighted``), and
+``app.models.EASE``) but solved by Cholesky on the items that have interactions only.
+ScaleRec's own: MF and two-tower (``TorchRecommender.fit``: the models' own loss and the
+training loop of ``app.models``, with the ``TrainArgs`` defaults for batch size and learning
+rate; the epoch count is chosen on validation), EDLAE scored on a recency-weighted history
+(``recency_weighted``), and
 the model the Ray Tune search of ``--config`` selects (``app.tune.run``: Optuna over EDLAE's
 lambda, dropout and recency tau, refit on train + validation, registered), tested here.
 Each row's ``seconds`` covers its whole grid, the refit and the evaluations.
@@ -28,7 +29,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from app.config import TrainArgs
 from app.evaluate import evaluate
-from app.model import EDLAE, MatrixFactorization, Popularity, TwoTower, recency_weighted
+from app.models import EDLAE, MatrixFactorization, Popularity, TwoTower, recency_weighted
+from app.store import DatasetVersion
 
 K = 10
 METRIC_KEYS = (f"ndcg@{K}", f"recall@{K}", f"hr@{K}", f"mrr@{K}", f"coverage@{K}")
@@ -52,21 +56,15 @@ ScoreFn = Callable[[np.ndarray], np.ndarray]
 class Splits:
     """The dataset version's matrices: ``fit`` / ``history`` / ``target`` per stage."""
 
-    def __init__(self, ds: Any) -> None:
+    def __init__(self, ds: DatasetVersion) -> None:
         self.ds = ds
         self.n_users, self.n_items = ds.n_users, ds.n_items
         self.train = ds.csr("train")
         self.train_valid = ds.csr("train", "valid")
         self.valid = ds.csr("valid")
         self.test = ds.csr("test")
-        self._tables = {"valid": ds.read_table("train"), "test": ds.read_table("train", "valid")}
-        items = ds.items()
-        genres: list[list[str]] = [[] for _ in range(ds.n_items)]
-        for idx, gs in zip(
-            items.column("item_idx").to_pylist(), items.column("genres").to_pylist(), strict=True
-        ):
-            genres[int(idx)] = list(gs or [])
-        self.genres = genres
+        self.tables = {"valid": ds.read_table("train"), "test": ds.read_table("train", "valid")}
+        self.genres = ds.item_genres()
 
     def stage(self, stage: str) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         """(fit matrix = history, target) for ``valid`` or ``test``."""
@@ -76,27 +74,35 @@ class Splits:
 
     def recency(self, stage: str, tau: float) -> sp.csr_matrix:
         """The stage's history weighted by recency (binary for ``tau`` 0)."""
-        return recency_weighted(self._tables[stage], self.n_users, self.n_items, tau)
+        return recency_weighted(self.tables[stage], self.n_users, self.n_items, tau)
 
 
-def load_data(config: str, lake: str, data_path: str) -> Any:
+@contextmanager
+def small_ray() -> Iterator[None]:
+    """A private 2-CPU Ray cluster for the block (never another engineer's)."""
+    from app import cluster
+    from app.config import ClusterArgs
+
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster.connect(ClusterArgs(num_cpus=2, progress_bars=False))
+    try:
+        yield
+    finally:
+        cluster.shutdown()
+
+
+def load_data(config: str, lake: str, data_path: str) -> DatasetVersion:
     """The latest ml-latest-small version in ``lake``, ingesting it (one small Ray) if absent."""
+    from app import ingest
     from app.config import load_config
-    from app.dataset import list_datasets, load_dataset
+    from app.store import Lake, list_datasets, load_dataset
 
     cfg = load_config(config, [f"lake={lake}", f"data.path={data_path}"])
-    if list_datasets(cfg.lake, cfg.data.name):
-        return load_dataset(cfg.lake, cfg.data.name, "latest")
-    import ray
-
-    import app.data
-
-    os.environ.pop("RAY_ADDRESS", None)  # never join another engineer's cluster
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        return app.data.run(cfg.data, cfg.lake)
-    finally:
-        ray.shutdown()
+    root = Lake(cfg.lake)
+    if list_datasets(root, cfg.data.name):
+        return load_dataset(root, cfg.data.name)
+    with small_ray():
+        return ingest.run(cfg.data, root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def _history_scorer(model: Any, spr: dict, stage: str, data: Splits) -> ScoreFn:
 
 
 def run_popularity(data: Splits) -> dict:
-    """Most-interacted items (``app.model.Popularity``)."""
+    """Most-interacted items (``app.models.Popularity``)."""
     return tune(
         "Popularity",
         True,
@@ -327,28 +333,6 @@ def run_closed_form(data: Splits, quick: bool) -> list[dict]:
     return rows
 
 
-def train_plain(model: Any, fit_csr: sp.csr_matrix, epochs: int, seed: int = 0) -> Iterable[int]:
-    """Adam over shuffled (user, item) pairs with the model's own loss; yields after each epoch."""
-    model.set_train(fit_csr)
-    coo = fit_csr.tocoo()
-    users = torch.from_numpy(coo.row.astype(np.int64))
-    items = torch.from_numpy(coo.col.astype(np.int64))
-    opt = torch.optim.Adam(model.module.parameters(), lr=0.005)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    for epoch in range(1, epochs + 1):
-        model.module.train()
-        perm = torch.randperm(len(users), generator=gen)
-        for start in range(0, len(users), 1024):
-            b = perm[start : start + 1024]
-            loss = model.loss(users[b], items[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        model.module.eval()
-        yield epoch
-
-
 def run_torch(data: Splits, family: str, max_epochs: int, eval_every: int) -> dict:
     """MF or two-tower: exact softmax, d 128, T 0.1, l2 1e-3; epochs chosen on validation."""
     t0 = time.perf_counter()
@@ -361,7 +345,7 @@ def run_torch(data: Splits, family: str, max_epochs: int, eval_every: int) -> di
         "seed": 0,
     }
 
-    def build() -> Any:
+    def build() -> MatrixFactorization | TwoTower:
         if family == "mf":
             return MatrixFactorization(data.n_users, data.n_items, **hp)
         return TwoTower(data.n_users, data.n_items, item_genres=data.genres, **hp)
@@ -369,24 +353,25 @@ def run_torch(data: Splits, family: str, max_epochs: int, eval_every: int) -> di
     label = "ScaleRec MF" if family == "mf" else "ScaleRec two-tower"
     history, target = data.stage("valid")
     model = build()
-    trials, best = [], (-1.0, 0)
-    for epoch in train_plain(model, history, max_epochs):
+    trials: list[dict] = []
+
+    def on_epoch(epoch: int, _loss: float) -> None:
         if epoch % eval_every and epoch != max_epochs:
-            continue
+            return
         ndcg = _metrics(lambda u: model.score(u, history[u]), history, target)[f"ndcg@{K}"]
         trials.append({"epochs": epoch, f"valid_ndcg@{K}": round(ndcg, 5)})
         print(f"  {label} epoch {epoch}: valid ndcg@{K} {ndcg:.4f}", flush=True)
-        best = max(best, (ndcg, epoch))
-    valid_ndcg, epochs = best
+
+    model.fit(history, epochs=max_epochs, on_epoch=on_epoch)
+    valid_ndcg, epochs = max((t[f"valid_ndcg@{K}"], t["epochs"]) for t in trials)
     history, target = data.stage("test")
-    model = build()
-    for _ in train_plain(model, history, epochs):
-        pass
+    model = build().fit(history, epochs=epochs)
     test = _metrics(lambda u: model.score(u, history[u]), history, target)
     seconds = time.perf_counter() - t0
     print(f"  {label} chosen {epochs} epochs: test ndcg@{K} {test[f'ndcg@{K}']:.4f}")
+    train = TrainArgs()  # the defaults TorchRecommender.fit trains with
     params = {k: v for k, v in hp.items() if k != "num_negatives"} | {"epochs": epochs}
-    params |= {"exact_softmax": True, "lr": 0.005, "batch_size": 1024}
+    params |= {"exact_softmax": True, "lr": train.lr, "batch_size": train.batch_size}
     return {
         "model": label,
         "baseline": False,
@@ -404,26 +389,19 @@ def run_ray_tune(data: Splits, config: str, lake: str, data_path: str, samples: 
     The search chooses on validation and refits on train + validation (``app.tune.run``); this
     row scores the registered model on test with the same metric code as every other row.
     """
-    import ray
-
     from app import tune as app_tune
     from app.config import AppConfig, load_config
-    from app.lake import Lake
-    from app.registry import load_model, registry_name
+    from app.store import load_model
 
     name = f"quality-{int(time.time())}"
     overrides = [f"lake={lake}", f"data.path={data_path}", f"tune.name={name}"]
     cfg = load_config(config, [*overrides, f"tune.num_samples={samples}"])
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with small_ray():
         t0 = time.perf_counter()
-        record = app_tune.run(cfg)
+        record = app_tune.run(cfg, data.ds)
         wall = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
     chosen_cfg = AppConfig.model_validate(record.config)
-    model, _ = load_model(Lake(lake), registry_name(chosen_cfg), record.version)
+    model, _ = load_model(data.ds.lake, record.name, record.version)
     history, target = data.stage("test")
     weighted = model.history(data.ds, "train", "valid")
     test = _metrics(lambda u: model.score(u, weighted[u]), history, target)
@@ -557,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "protocol": "docs/design.md: temporal split, full ranking, valid-chosen, refit train+valid",
         "quick": ns.quick,
-        "torch_training": "in-process plain Adam loop over app.model losses (not app.train.fit)",
+        "torch_training": "in-process TorchRecommender.fit (app.models), not app.train.fit",
         "rows": rows,
         "summary": summary,
         "table": text,

@@ -3,10 +3,10 @@
 python -m bench.retrieval [--items 1000000 --dim 64 --repeats 15]  → bench/results/retrieval.json
 
 Both sides do exact search (every item scored) and exclude 20 seen items per user. ScaleRec's
-``top_k_dot`` (numpy BLAS over column-major items + the chunked ``top_k_rows``, the retriever's
-function) is timed for one user and for batches of 16 and 64 users; the baseline is ``numpy``
-``u @ V.T`` + ``argpartition`` + sort per call. Medians of ``--repeats`` runs, same process,
-same data.
+``app.models.top_k_dot`` (numpy BLAS over column-major items + the chunked ``top_k``, what the
+retriever runs) is timed for one user and for batches of 16 and 64 users; the baseline is
+``numpy`` ``u @ V.T`` + ``argpartition`` + sort per call. Medians of ``--repeats`` runs, same
+process, same data.
 
 ``--ann-items N`` (default 200k; 0 skips) adds the approximate path the retriever takes for
 large catalogues (faiss HNSW, ``app/serve/ann.py``) over the first N of those items: its build
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.models import item_matrix, top_k_dot
 from app.serve.ann import AnnIndex
-from app.serve.retriever import item_matrix, top_k_dot
 
 K = 10
 

@@ -54,9 +54,8 @@ HOT_USERS, HOT_SHARE = 2_000, 0.8
 def make_lake(root: str) -> str:
     """Synthetic dataset version + a random 64-dim MF model registered as ``production``."""
     from app.config import AppConfig, ModelArgs
-    from app.dataset import ITEM_IDX, USER_IDX, write_dataset
-    from app.model import build_model
-    from app.registry import promote, register
+    from app.models import build_model
+    from app.store import ITEM_IDX, USER_IDX, promote, register, write_dataset
 
     rng = np.random.default_rng(0)
     pop = 1.0 / np.arange(1, N_ITEMS + 1) ** 0.8
@@ -161,10 +160,9 @@ def child_serve(lake: str, variant: dict[str, Any], concurrency: int, duration: 
 
 
 def _baseline_state() -> dict[str, Any]:
-    from app.lake import Lake
-    from app.registry import load_model
+    from app.serve import load_catalogue
     from app.serve.retriever import item_matrix
-    from app.serve.store import load_catalogue
+    from app.store import Lake, load_model
 
     lake = Lake(os.environ["SCALEREC_BENCH_LAKE"])
     model, record = load_model(lake, NAME, "production")
@@ -184,7 +182,7 @@ def baseline_app() -> Any:
     """Plain FastAPI: id map, seen filter and ``top_k_dot`` per request (uvicorn factory)."""
     from fastapi import FastAPI, HTTPException
 
-    from app.serve.retriever import top_k_dot
+    from app.serve import top_k_dot
 
     st = _baseline_state()
     api = FastAPI()

@@ -3,39 +3,30 @@
 python -m bench.train_throughput [--quick | --interactions N] [--quality] [dotted.key=value ...]
 → bench/results/train_throughput.json
 
-Workload: ``--interactions`` raw synthetic events (``app.sources`` generator; about 100 events per
-user and 500 per item), ingested once by ``app.data.run`` into a lake under ``--workdir`` and
-reused by later runs. An epoch covers the train + validation splits (``train.refit=true``, the
-final-model fit, so no per-epoch evaluation runs). Model and training settings are the
-``AppConfig`` defaults with ``model.name=mf``; dotted overrides change them as for the jobs.
+Workload: ``--interactions`` raw synthetic events (about 100 per user and 500 per item),
+ingested once by ``app.ingest.run`` into a lake under ``--workdir`` and reused by later runs. An
+epoch covers train + validation (``train.refit=true``: no per-epoch evaluation). Model and
+training settings are the ``AppConfig`` defaults with ``model.name=mf``; dotted overrides change
+them as for the jobs.
 
-Variants, in the same run:
+Variants, interleaved per repeat on one Ray cluster (the plain loops run in the driver):
 
-- ``plain``: one process, ``torch.set_num_threads(cores)``, the MF model of ``app.model`` built
-  by ``build_model`` with the same seed, its own loss (``forward``), Adam with ``train.lr``,
-  batches of ``train.batch_size`` drawn from in-memory tensors reshuffled every epoch.
-  ``plain_1t`` is the same loop on one thread (what a Ray worker under 1 CPU gets: Ray sets
-  ``OMP_NUM_THREADS`` to ``max(1, floor(cpus))``).
-- ``ray_1w`` / ``ray_2w``: ``app.train.fit`` → ``build_trainer``, the path ``jobs.train``
-  takes: a TorchTrainer fed from the lake's Parquet by Ray Data, ``train.cpus_per_worker``
-  CPUs per worker (fractional, so that Ray Data's tasks still get CPUs), DDP with 2 workers.
-  Each worker takes ``train.batch_size`` rows per step, so 2 workers make half as many steps of
-  twice the rows.
+- ``plain``: ``app.models.run_epoch`` in this process on ``torch.set_num_threads(cores)``, the
+  model of ``build_model`` with the same seed, Adam with ``train.lr``, in-memory batches of
+  ``train.batch_size`` reshuffled every epoch. ``plain_1t`` is the same on one thread (what a
+  Ray worker under 1 CPU gets: ``OMP_NUM_THREADS=1``).
+- ``ray_1w`` / ``ray_2w``: ``app.train.fit``, the path ``jobs.train`` takes (a TorchTrainer fed
+  by Ray Data, DDP with 2 workers, each taking ``train.batch_size`` rows per step).
 
-Throughput is what the training loop reports for each epoch (``interactions_per_s``: rows seen
-by all workers over the epoch's wall time). Ray's start-up and each run's set-up (worker group,
-dataset materialisation, checkpoints) are reported on their own, outside it.
+Throughput is each epoch's ``interactions_per_s`` as the loop reports it; Ray's start-up and each
+run's set-up are reported on their own. Probes explain the ratios: where a plain step's time
+goes (batching, forward + backward, Adam), a gloo all-reduce of the model's gradient between 2
+processes (what DDP pays per step) and Ray Data's ``iter_torch_batches`` alone (skip the last
+two with ``--no-probes``).
 
-The variants are interleaved per repeat on one Ray cluster (the plain loops run in the driver
-while it idles). Probes explain the ratios: the plain loop's split of a step (batching, forward
-+ backward, Adam), a gloo all-reduce of the model's gradient between 2 processes (what DDP pays
-per step: ``nn.Embedding`` gradients are dense) and Ray Data's ``iter_torch_batches`` alone over
-the same dataset (skip the last two with ``--no-probes``).
-
-``--quality`` adds time to quality on ml-latest-small (never copied into the repo): validation
-NDCG@10 after every epoch of ScaleRec MF (``app.train.fit``, the ml-latest-small job config)
-and after every iteration of implicit ALS (``ALS_PARAMS``), with the training
-seconds needed to reach ``--quality-fraction`` of ALS's best validation NDCG@10.
+``--quality`` adds time to quality on ml-latest-small: validation NDCG@10 after every epoch of
+ScaleRec MF (``app.train.fit``) and after every iteration of implicit ALS (``ALS_PARAMS``), and
+the training seconds each needs to reach ``--quality-fraction`` of ALS's best.
 """
 
 from __future__ import annotations
@@ -55,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from app.config import AppConfig, ClusterArgs, load_config
-from app.dataset import ITEM_IDX, USER_IDX, DatasetVersion
-from app.train import VALID_METRIC
+from app.models import TorchRecommender, build_model, run_epoch
+from app.store import ITEM_IDX, USER_IDX, DatasetVersion, Lake
+from app.train import VALID_METRIC, fit, fit_splits, shuffle_buffer_rows, with_train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 DEFAULT_INTERACTIONS = 5_000_000
@@ -69,23 +60,19 @@ TARGET_RAY_2W_VS_PLAIN = 0.9
 K = 10
 # implicit ALS at a configuration that scores near the top of bench/quality.py's validation grid.
 ALS_PARAMS = {"factors": 32, "regularization": 0.1, "alpha": 1.0}
-_ALLREDUCE_STEPS = 10
+ALLREDUCE_STEPS = 10
 PLAIN = "plain"
 PLAIN_1T = "plain_1t"
 
 
-# --------------------------------------------------------------------------------------------
-# Workload and configuration
-# --------------------------------------------------------------------------------------------
+# --- workload and configuration -------------------------------------------------------------
 
 
 def workload(n: int) -> dict[str, int]:
-    """Synthetic generator settings for ``n`` raw events.
+    """Synthetic generator settings for ``n`` raw events (about 100 per user, 500 per item).
 
-    About 100 events per user (MovieLens-like) and 500 per item. Part of MF's training step
-    grows with users + items whatever the batch (dense embedding gradients, Adam over whole
-    tables), so the catalogue, not only ``n``, sets the epoch time: at ``bench.ingest``'s shape
-    (20 events per user) a 5M epoch would take hours on 2 cores.
+    Part of MF's step grows with users + items whatever the batch (dense embedding gradients,
+    Adam over whole tables), so the catalogue, not only ``n``, sets the epoch time.
     """
     return {"n_interactions": n, "n_users": max(10, n // 100), "n_items": max(10, n // 500)}
 
@@ -109,16 +96,6 @@ def bench_config(
     return load_config(config, base + overrides)
 
 
-def with_train(cfg: AppConfig, **train: Any) -> AppConfig:
-    """``cfg`` with some ``train`` fields replaced."""
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
-
-
-def fit_splits(cfg: AppConfig) -> tuple[str, ...]:
-    """The splits an epoch covers (as ``app.train`` chooses them)."""
-    return ("train", "valid") if cfg.train.refit else ("train",)
-
-
 @contextmanager
 def local_ray(cpus: int) -> Iterator[float]:
     """A fresh embedded Ray cluster of ``cpus`` logical CPUs; yields its start-up seconds."""
@@ -126,7 +103,7 @@ def local_ray(cpus: int) -> Iterator[float]:
 
     from app.cluster import connect
 
-    os.environ.pop("RAY_ADDRESS", None)  # never join another engineer's cluster (pitfall 6)
+    os.environ.pop("RAY_ADDRESS", None)  # never join another engineer's cluster
     t0 = time.perf_counter()
     connect(ClusterArgs(num_cpus=cpus, progress_bars=False))
     startup = time.perf_counter() - t0
@@ -137,29 +114,32 @@ def local_ray(cpus: int) -> Iterator[float]:
 
 
 def ingest(cfg: AppConfig) -> tuple[DatasetVersion, float]:
-    """The config's dataset version (``app.data.run`` reuses an existing one) and its seconds."""
-    from app import data
+    """The config's dataset version (``app.ingest.run`` reuses an existing one) and its seconds."""
+    from app import ingest as stage
 
     t0 = time.perf_counter()
-    ds = data.run(cfg.data, cfg.lake, seed=cfg.seed)
+    ds = stage.run(cfg.data, Lake(cfg.lake), seed=cfg.seed)
     return ds, time.perf_counter() - t0
 
 
-# --------------------------------------------------------------------------------------------
-# Ray Train variants
-# --------------------------------------------------------------------------------------------
+# --- Ray Train variants ---------------------------------------------------------------------
 
 
-def run_ray(cfg: AppConfig, ds: DatasetVersion, workers: int, storage: Path) -> dict[str, Any]:
-    """One ``app.train.fit`` at ``workers`` workers; throughput from its per-epoch reports."""
-    from app.train import fit
-
-    run_cfg = with_train(cfg, num_workers=workers)
-    name = f"throughput-{workers}w-{uuid.uuid4().hex[:6]}"
+def timed_fit(cfg: AppConfig, ds: DatasetVersion, runs: Path, label: str) -> tuple[Any, float]:
+    """``app.train.fit`` with checkpoints under ``runs`` (removed after); outcome and seconds."""
+    name = f"{label}-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
-    outcome = fit(run_cfg, ds, name=name, storage_path=str(storage))
+    outcome = fit(ds, cfg.model, cfg.train, seed=cfg.seed, runs=Lake(str(runs)), name=name)
     wall = time.perf_counter() - t0
-    shutil.rmtree(storage / name, ignore_errors=True)
+    shutil.rmtree(runs / name, ignore_errors=True)
+    return outcome, wall
+
+
+def run_ray(cfg: AppConfig, ds: DatasetVersion, workers: int, runs: Path) -> dict[str, Any]:
+    """One ``app.train.fit`` at ``workers`` workers; throughput from its per-epoch reports."""
+    outcome, wall = timed_fit(
+        with_train(cfg, num_workers=workers), ds, runs, f"throughput-{workers}w"
+    )
     epochs = [
         {
             "epoch": h["epoch"],
@@ -184,17 +164,16 @@ def run_ray(cfg: AppConfig, ds: DatasetVersion, workers: int, storage: Path) -> 
 def ray_data_probe(cfg: AppConfig, ds: DatasetVersion) -> dict[str, Any]:
     """Ray Data alone: ``iter_torch_batches`` over the materialised splits, no training.
 
-    Same batch size and local shuffle buffer as ``app.train.train_loop_per_worker``, one reader
-    in the driver (the ``streaming_split`` of the trainer is left out).
+    Same batch size and local shuffle buffer as the Train worker loop, one reader in the driver.
     """
     bs = cfg.train.batch_size
     t0 = time.perf_counter()
-    mat = ds.read_ds(*fit_splits(cfg)).materialize().randomize_block_order(seed=cfg.seed)
+    mat = ds.read_ds(*fit_splits(cfg.train)).materialize().randomize_block_order(seed=cfg.seed)
     materialise = time.perf_counter() - t0
     rows = 0
     t0 = time.perf_counter()
     for batch in mat.iter_torch_batches(
-        batch_size=bs, local_shuffle_buffer_size=max(20 * bs, 50_000), local_shuffle_seed=0
+        batch_size=bs, local_shuffle_buffer_size=shuffle_buffer_rows(bs), local_shuffle_seed=0
     ):
         users, _items = batch[USER_IDX].long(), batch[ITEM_IDX].long()
         rows += len(users)
@@ -207,22 +186,49 @@ def ray_data_probe(cfg: AppConfig, ds: DatasetVersion) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Plain PyTorch baseline
-# --------------------------------------------------------------------------------------------
+# --- plain PyTorch baseline -----------------------------------------------------------------
 
 
-def plain_model(cfg: AppConfig, ds: DatasetVersion, fit_csr: sp.csr_matrix) -> Any:
-    """The MF recommender as each Ray worker builds it (same config, sizes and seed)."""
-    from app.model import build_model
+class _TimedAdam(torch.optim.Adam):
+    """Adam that adds up the seconds its steps take (the probe of a step's split)."""
 
+    seconds = 0.0
+
+    def step(self, closure: Any = None) -> Any:
+        t0 = time.perf_counter()
+        out = super().step(closure)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def plain_model(cfg: AppConfig, ds: DatasetVersion) -> TorchRecommender:
+    """The MF recommender as each Ray worker builds it (same config, sizes and seed), prepared."""
     rec = build_model(cfg.model, ds.n_users, ds.n_items, seed=cfg.seed)
-    rec.set_train(fit_csr)  # type: ignore[attr-defined]
+    assert isinstance(rec, TorchRecommender)
+    rec.prepare(ds.csr(*fit_splits(cfg.train)))
     return rec
 
 
+def interaction_tensors(ds: DatasetVersion, splits: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """Users and items of the splits' interactions as int64 tensors (one pair per row)."""
+    pairs = ds.csr(*splits).tocoo()
+    return tuple(torch.from_numpy(x.astype(np.int64)) for x in (pairs.row, pairs.col))
+
+
+def _timed_batches(
+    users: torch.Tensor, items: torch.Tensor, perm: torch.Tensor, size: int, clock: dict
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``size`` rows in ``perm`` order, adding the slicing seconds to ``clock``."""
+    for idx in perm.split(size):
+        t0 = time.perf_counter()
+        batch = users[idx], items[idx]
+        clock["batching"] += time.perf_counter() - t0
+        clock["steps"] += 1
+        yield batch
+
+
 def plain_epochs(
-    module: torch.nn.Module,
+    rec: TorchRecommender,
     users: torch.Tensor,
     items: torch.Tensor,
     batch_size: int,
@@ -230,38 +236,25 @@ def plain_epochs(
     epochs: int,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """The baseline loop: Adam over reshuffled in-memory (user, item) batches.
+    """``run_epoch`` over reshuffled in-memory batches; per epoch its rate, loss and step split.
 
-    ``module(users, items)`` is the training loss, as in ``app.train``. Returns one dict per
-    epoch with its seconds, rows, rows/s, mean loss and where a step's time went.
+    The split times batching (slicing the shuffled tensors) and Adam's steps; the rest of a step
+    (loss, backward, zeroing gradients) is ``forward_backward``.
     """
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    opt = _TimedAdam(rec.module.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for epoch in range(1, epochs + 1):
-        module.train()
-        perm = torch.randperm(len(users), generator=gen)
-        loss_sum, seen, steps = 0.0, 0, 0
-        batching_s = model_s = optim_s = 0.0
+        clock = {"batching": 0.0, "steps": 0}
+        batches = _timed_batches(
+            users, items, torch.randperm(len(users), generator=gen), batch_size, clock
+        )
+        rec.module.train()
+        opt.seconds = 0.0
         t0 = time.perf_counter()
-        for start in range(0, len(perm), batch_size):
-            t_a = time.perf_counter()
-            idx = perm[start : start + batch_size]
-            u, i = users[idx], items[idx]
-            t_b = time.perf_counter()
-            loss = module(u, i)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t_c = time.perf_counter()
-            opt.step()
-            t_d = time.perf_counter()
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
-            steps += 1
-            batching_s += t_b - t_a
-            model_s += t_c - t_b
-            optim_s += t_d - t_c
+        loss_sum, seen = run_epoch(rec.module, opt, batches)
         seconds = time.perf_counter() - t0
+        other = seconds - clock["batching"] - opt.seconds
         out.append(
             {
                 "epoch": epoch,
@@ -269,55 +262,38 @@ def plain_epochs(
                 "interactions": seen,
                 "interactions_per_s": round(seen / seconds),
                 "loss": round(loss_sum / max(seen, 1), 5),
-                "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
+                "ms_per_step": round(1000 * seconds / max(clock["steps"], 1), 2),
                 "step_split": {
-                    "batching": round(batching_s / seconds, 3),
-                    "forward_backward": round(model_s / seconds, 3),
-                    "adam": round(optim_s / seconds, 3),
+                    "batching": round(clock["batching"] / seconds, 3),
+                    "forward_backward": round(other / seconds, 3),
+                    "adam": round(opt.seconds / seconds, 3),
                 },
             }
         )
     return out
 
 
-def interaction_tensors(ds: DatasetVersion, splits: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    """``user_idx`` and ``item_idx`` of the splits as int64 tensors (the rows Ray Data reads)."""
-    table = ds.read_table(*splits)
-    return tuple(
-        torch.from_numpy(table.column(c).to_numpy().astype(np.int64)) for c in (USER_IDX, ITEM_IDX)
-    )
-
-
 def run_plain(cfg: AppConfig, ds: DatasetVersion, threads: int, name: str) -> dict[str, Any]:
     """The plain baseline on ``threads`` torch threads (a fresh, identically seeded model)."""
     torch.set_num_threads(threads)
-    splits = fit_splits(cfg)
     t0 = time.perf_counter()
-    users, items = interaction_tensors(ds, splits)
-    rec = plain_model(cfg, ds, ds.csr(*splits))
+    users, items = interaction_tensors(ds, fit_splits(cfg.train))
+    rec = plain_model(cfg, ds)
     load = time.perf_counter() - t0
-    epochs = plain_epochs(
-        rec.module,
-        users,
-        items,
-        cfg.train.batch_size,
-        cfg.train.lr,
-        cfg.train.epochs,
-        seed=cfg.seed,
-    )
+    train = cfg.train
     return {
         "variant": name,
         "torch_threads": threads,
-        "rows_per_step": cfg.train.batch_size,
+        "rows_per_step": train.batch_size,
         "parameters": sum(p.numel() for p in rec.module.parameters()),
-        "epochs": epochs,
+        "epochs": plain_epochs(
+            rec, users, items, train.batch_size, train.lr, train.epochs, cfg.seed
+        ),
         "load_s": round(load, 2),
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Gloo all-reduce probe
-# --------------------------------------------------------------------------------------------
+# --- gloo all-reduce probe ------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -338,13 +314,12 @@ def _allreduce_rank(rank: int, port: int, numel: int, steps: int, queue: Any) ->
     t0 = time.perf_counter()
     for _ in range(steps):
         dist.all_reduce(grad)
-    seconds = time.perf_counter() - t0
     if rank == 0:
-        queue.put(seconds / steps)
+        queue.put((time.perf_counter() - t0) / steps)
     dist.destroy_process_group()
 
 
-def allreduce_probe(numel: int, steps: int = _ALLREDUCE_STEPS) -> dict[str, Any]:
+def allreduce_probe(numel: int, steps: int = ALLREDUCE_STEPS) -> dict[str, Any]:
     """Milliseconds per gloo all-reduce of ``numel`` float32 between 2 local processes."""
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -366,9 +341,7 @@ def allreduce_probe(numel: int, steps: int = _ALLREDUCE_STEPS) -> dict[str, Any]
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Time to quality (optional)
-# --------------------------------------------------------------------------------------------
+# --- time to quality (optional) -------------------------------------------------------------
 
 
 def quality_config(args: argparse.Namespace) -> AppConfig:
@@ -387,15 +360,9 @@ def quality_config(args: argparse.Namespace) -> AppConfig:
     )
 
 
-def mf_curve(cfg: AppConfig, ds: DatasetVersion, storage: Path) -> dict[str, Any]:
+def mf_curve(cfg: AppConfig, ds: DatasetVersion, runs: Path) -> dict[str, Any]:
     """Validation NDCG@10 after each epoch of ``app.train.fit`` and the training seconds so far."""
-    from app.train import fit
-
-    name = f"quality-mf-{uuid.uuid4().hex[:6]}"
-    t0 = time.perf_counter()
-    outcome = fit(cfg, ds, name=name, storage_path=str(storage))
-    wall = time.perf_counter() - t0
-    shutil.rmtree(storage / name, ignore_errors=True)
+    outcome, wall = timed_fit(cfg, ds, runs, "quality-mf")
     curve, train_s = [], 0.0
     for h in outcome.history:
         train_s += h["epoch_s"]
@@ -433,13 +400,8 @@ def als_curve(ds: DatasetVersion, iterations: int, threads: int) -> dict[str, An
         clock["train_s"] += time.perf_counter() - clock["mark"]
         uf, itf = np.asarray(model.user_factors), np.asarray(model.item_factors)
         res = evaluate(lambda u: (uf[u] @ itf.T).astype(np.float32), train, valid, k=K)
-        curve.append(
-            {
-                "step": iteration + 1,
-                "train_s": round(clock["train_s"], 3),
-                VALID_METRIC: res[f"ndcg@{K}"],
-            }
-        )
+        point = {"step": iteration + 1, "train_s": round(clock["train_s"], 3)}
+        curve.append({**point, VALID_METRIC: res[f"ndcg@{K}"]})
         clock["mark"] = time.perf_counter()
 
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, serial BLAS
@@ -464,8 +426,7 @@ def time_to_target(curve: list[dict[str, Any]], target: float) -> dict[str, Any]
 
 def summarise_quality(mf: dict[str, Any], als: dict[str, Any], fraction: float) -> dict[str, Any]:
     """Best NDCG of each model and the training seconds each needs to reach the target."""
-    best_als = max(p[VALID_METRIC] for p in als["curve"])
-    target = fraction * best_als
+    target = fraction * max(p[VALID_METRIC] for p in als["curve"])
     out: dict[str, Any] = {
         "target": {
             VALID_METRIC: round(target, 5),
@@ -485,9 +446,7 @@ def summarise_quality(mf: dict[str, Any], als: dict[str, Any], fraction: float) 
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------
 
 
 def median_rate(variant: dict[str, Any]) -> float:
@@ -631,9 +590,7 @@ def machine(load_before: tuple[float, ...], load_after: tuple[float, ...]) -> di
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Driver
-# --------------------------------------------------------------------------------------------
+# --- driver ---------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -676,10 +633,10 @@ def measure(
 ) -> tuple[DatasetVersion, list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Run every variant (interleaved per repeat) and the probes; returns what they measured.
 
-    One Ray cluster serves the whole run; the plain loops run in this process while it idles
-    (a few percent of a core), so that a change of host load hits all variants alike.
+    One Ray cluster serves the whole run; the plain loops run in this process while it idles,
+    so that a change of host load hits all variants alike.
     """
-    storage = args.workdir / "runs"
+    runs = args.workdir / "runs"
     variants: list[dict[str, Any]] = []
     probes: dict[str, Any] = {}
     quality: dict[str, Any] = {}
@@ -694,14 +651,14 @@ def measure(
                 variants.append(with_load(run_plain, cfg, ds, threads, name))
             for workers in (1, 2):
                 print(f"ray_{workers}w run {rep + 1}/{args.repeats}", flush=True)
-                variants.append(with_load(run_ray, cfg, ds, workers, storage))
+                variants.append(with_load(run_ray, cfg, ds, workers, runs))
         if args.probes:
             probes["ray_data_iter_torch_batches"] = ray_data_probe(cfg, ds)
         if args.quality:
             qcfg = quality_config(args)
             qds = ingest(qcfg)[0]
             quality["dataset"] = {"name": "ml-latest-small", "version": qds.version}
-            quality["scalerec_mf"] = mf_curve(qcfg, qds, storage)
+            quality["scalerec_mf"] = mf_curve(qcfg, qds, runs)
     if args.probes:
         params = next(v["parameters"] for v in variants if v["variant"] == PLAIN)
         probes["gloo_allreduce_2_ranks"] = allreduce_probe(params)
@@ -724,14 +681,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "train_throughput",
         "description": "interactions/s of MF training epochs: Ray Train (app.train.fit) at 1 and "
-        "2 workers vs a plain single-process PyTorch loop of the same model and batch size",
+        "2 workers vs app.models.run_epoch in one process, same model and batch size",
         "workload": {
             "raw_events": args.interactions,
             **{k: v for k, v in workload(args.interactions).items() if k != "n_interactions"},
             "dataset_version": ds.version,
             "users": ds.n_users,
             "items": ds.n_items,
-            "splits_per_epoch": list(fit_splits(cfg)),
+            "splits_per_epoch": list(fit_splits(cfg.train)),
             "interactions_per_epoch": plain["epochs"][0]["interactions"],
             "epochs_per_variant": cfg.train.epochs,
             "repeats": args.repeats,
@@ -745,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "startup_s": round(probes.pop("ray_startup_s"), 2),
             "ingest_s": round(probes.pop("ingest_s"), 2),
             "cpus": args.cpus,
-            "note": "start-up: ray.init of an embedded cluster; ingest: app.data.run (reuses an "
+            "note": "start-up: ray.init of an embedded cluster; ingest: app.ingest.run (reuses an "
             "existing version); neither is in the rates, nor is each run's setup_s",
         },
         "throughput": "per-epoch rows seen by all workers / epoch wall seconds, as the training "
@@ -758,8 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if quality:
         result["time_to_quality"] = quality
     result["notes"] = notes(result)
-    text = table(result)
-    result["table"] = text
+    result["table"] = text = table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(text)

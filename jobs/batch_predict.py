@@ -7,14 +7,16 @@ ray job submit --working-dir . -- python -m jobs.batch_predict --config jobs/con
 from __future__ import annotations
 
 from app import cluster, predict
-from app.config import config_from_cli
+from app.cli import config_from_cli
+from app.store import Lake, registry_name
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run the batch prediction stage; the last line printed is the predictions folder."""
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
-    path = predict.run(cfg)
+    name = registry_name(cfg.data.name, cfg.model.name)
+    path = predict.run(Lake(cfg.lake), name, cfg.model.version, k=cfg.serve.default_k)
     print(path)
     return path
 

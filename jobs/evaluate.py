@@ -11,7 +11,8 @@ Writes the metrics into ``<lake>/models/<name>/<version>/metrics.json`` and prin
 from __future__ import annotations
 
 from app import cluster, evaluate
-from app.config import config_from_cli
+from app.cli import config_from_cli
+from app.store import Lake, registry_name
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
     ref = cfg.model.version or "latest"
-    metrics = evaluate.run(cfg, ref)
+    metrics = evaluate.run(Lake(cfg.lake), registry_name(cfg.data.name, cfg.model.name), ref)
     print(evaluate.metrics_table([{"model": f"{cfg.model.name} ({ref})", **metrics}]))
     return metrics
 

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 
-from app import cluster, data
-from app.config import config_from_cli
+from app import cluster, ingest
+from app.cli import config_from_cli
+from app.store import MANIFEST, Lake
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run the ingest stage and print the manifest; the last line is the manifest path."""
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
-    ds = data.run(cfg.data, cfg.lake, seed=cfg.seed)
+    ds = ingest.run(cfg.data, Lake(cfg.lake), seed=cfg.seed)
     print(json.dumps(ds.manifest, indent=2, sort_keys=True))
-    print(data.summary_table(ds.manifest))
-    manifest_path = ds.lake.full_uri(ds.rel, "manifest.json")
+    print(ingest.summary_table(ds.manifest))
+    manifest_path = ds.lake.full_uri(ds.rel, MANIFEST)
     print(manifest_path)
     return manifest_path
 

@@ -12,7 +12,7 @@ import sys
 
 from app import cluster
 from app.config import ClusterArgs, ConfigError
-from app.serve.deploy import load_serve_config, run
+from app.serve import load_serve_config, run
 
 
 def main(argv: list[str] | None = None) -> dict:

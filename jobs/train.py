@@ -12,14 +12,16 @@ The last line printed is the registered model version.
 from __future__ import annotations
 
 from app import cluster, train
-from app.config import config_from_cli
+from app.cli import config_from_cli
+from app.store import Lake
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run the training stage; returns the registered model version."""
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
-    record = train.run(cfg)
+    ds = train.dataset_for(Lake(cfg.lake), cfg.data, seed=cfg.seed)
+    record = train.run(cfg, ds)
     print(f"registered {record.name} version {record.version} at {record.path}")
     print({k: v for k, v in record.metrics.items() if k.startswith("valid_")})
     print(record.version)

@@ -10,15 +10,17 @@ The last line printed is the registered model version (promoted to ``staging``).
 
 from __future__ import annotations
 
-from app import cluster, tune
-from app.config import config_from_cli
+from app import cluster, train, tune
+from app.cli import config_from_cli
+from app.store import Lake
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run the tuning stage; returns the registered model version."""
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
-    record = tune.run(cfg)
+    ds = train.dataset_for(Lake(cfg.lake), cfg.data, seed=cfg.seed)
+    record = tune.run(cfg, ds)
     search = record.lineage["tune"]
     print(tune.format_trials(search["trials"]))
     print(f"search wall time {search['wall_s']:.1f} s; best trial {search['best_trial']}")

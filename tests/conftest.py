@@ -10,15 +10,15 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from app.dataset import (
+from app.store import (
     ITEM_IDX,
     SPLITS,
     TIMESTAMP,
     USER_IDX,
     DatasetVersion,
+    Lake,
     write_dataset,
 )
-from app.lake import Lake
 
 TINY_GROUPS = 4
 TINY_USERS_PER_GROUP = 20

@@ -1,21 +1,31 @@
-"""Typed arguments of the Serve application (the ``args:`` block of ``serve_configs/*.yaml``).
+"""Settings of the Serve application and the one order in which their sources apply.
 
-``ServeAppArgs`` extends ``app.config.ServeArgs`` with what only the serving stage needs (where
-the lake is, which registry name to serve, ranking and input limits), so one pydantic model is
-the single typed source for ``serve run``, ``serve deploy``, ``jobs.serve`` and the tests.
+``ServeAppArgs`` is the ``args:`` block of ``serve_configs/*.yaml``: it extends
+``app.config.ServeArgs`` (the ``serve`` section of a pipeline config) with what only the serving
+stage needs (where the lake is, which registry name to serve, ranking and input limits), so one
+pydantic model is the typed source for ``serve run``, ``serve deploy``, ``jobs.serve``, the
+pipeline and the tests. ``ServeRun`` is a whole Serve config file, resolved by
+``resolve_settings``: the only place that decides which source wins.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+import yaml
+from pydantic import Field, ValidationError, model_validator
 
-from app.config import AppConfig, OutputPath, ServeArgs
-from app.registry import registry_name
+from app.config import AppConfig, ConfigError, OutputPath, ServeArgs, parse_overrides
+from app.store import Lake, registry_name
 
-RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
-"""Settings of the ingress replica in this process, read by its ASGI guard (body limit, metrics)."""
+LISTEN_KEYS = ("host", "port")
+"""Settings that say where Serve listens: they also live in a Serve config's ``http_options``."""
+
+PIPELINE_KEYS = ("host", "port", "cache_size")
+"""Settings of a pipeline config's ``serve`` section that override the Serve config it deploys."""
 
 
 class ServeAppArgs(ServeArgs):
@@ -38,8 +48,8 @@ class ServeAppArgs(ServeArgs):
     colocate_scoring: bool = False
     """Score (and rank) inside each ingress replica instead of calling the ``Retriever`` and
     ``Ranker`` deployments: no handle hop per batch, the item table loaded once per ingress
-    replica. Fastest on one machine (see bench/serve.py); keep the deployment graph where
-    retrieval must scale apart from HTTP handling or the table is large."""
+    replica. Suits one machine (compare with ``python -m bench.serve``); keep the deployment
+    graph where retrieval must scale apart from HTTP handling or the table is large."""
     warm_cache: bool = False
     """Fill the answer cache at start and on reload from ``<lake>/predictions/<served version>/``
     (``python -m jobs.batch_predict``), when they exist and no ranker rule is set."""
@@ -63,4 +73,121 @@ class ServeAppArgs(ServeArgs):
         base = cfg.serve.model_dump()
         if cfg.model.version:
             base["model"] = cfg.model.version
-        return cls.model_validate({**base, "lake": cfg.lake, "name": registry_name(cfg), **extra})
+        name = registry_name(cfg.data.name, cfg.model.name)
+        return cls.model_validate({**base, "lake": cfg.lake, "name": name, **extra})
+
+
+@dataclass
+class ServeRun:
+    """A Serve config file, resolved: app args, deployment options and HTTP options."""
+
+    name: str
+    route_prefix: str
+    args: ServeAppArgs
+    deployments: dict[str, dict[str, Any]]
+    http_options: dict[str, Any]
+    """Serve's HTTP options, ``host`` and ``port`` always set (see ``resolve_settings``)."""
+
+    @property
+    def url(self) -> str:
+        """Where the application answers, e.g. ``http://127.0.0.1:8000``."""
+        host, port = self.http_options["host"], self.http_options["port"]
+        return f"http://{host}:{port}{self.route_prefix.rstrip('/')}"
+
+
+def resolve_settings(
+    args: Mapping[str, Any],
+    http_options: Mapping[str, Any],
+    overrides: Iterable[tuple[str, Any]] = (),
+) -> tuple[ServeAppArgs, dict[str, Any]]:
+    """App args and HTTP options of a Serve config: the one precedence of serve settings.
+
+    Highest first:
+
+    1. ``overrides``: ``jobs.serve``'s ``key=value`` arguments, or what a pipeline run sets
+       (``pipeline_serve_config``);
+    2. for where to listen (``LISTEN_KEYS``), the Serve config's ``http_options``;
+    3. the Serve config's ``args``;
+    4. ``ServeAppArgs``'s defaults.
+
+    Args:
+        args: The application's ``args`` block.
+        http_options: The config's ``http_options`` as written (unset keys absent).
+        overrides: ``(key, value)`` pairs; an ``args.`` prefix of a key is optional.
+
+    Returns:
+        The validated app args and the HTTP options, with ``host`` and ``port`` set.
+
+    Raises:
+        ValidationError: When the merged args are invalid.
+    """
+    merged = dict(args)
+    http = dict(http_options)
+    for key, value in overrides:
+        key = key.removeprefix("args.")
+        merged[key] = value
+        if key in LISTEN_KEYS:
+            http[key] = value
+    app_args = ServeAppArgs.model_validate(merged)
+    http.setdefault("host", app_args.host)
+    http["port"] = int(http.get("port", app_args.port))
+    return app_args, http
+
+
+def load_serve_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> ServeRun:
+    """Read and validate a Serve config file; apply overrides to its ``args``.
+
+    Args:
+        path: The Serve config (``serve_configs/*.yaml``).
+        overrides: ``key=value`` strings (values read as YAML scalars).
+        values: Typed overrides, applied after ``overrides``.
+
+    Raises:
+        ConfigError: naming the file and the problem.
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"serve config not found: {p} (see serve_configs/)")
+    try:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(p.read_text()))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{p}: not a valid Serve config: {exc}") from exc
+    if not schema.applications:
+        raise ConfigError(f"{p}: no applications")
+    app = schema.applications[0]
+    pairs = [*parse_overrides(overrides or []), *(values or {}).items()]
+    try:
+        app_args, http = resolve_settings(
+            app.args or {}, schema.http_options.model_dump(exclude_unset=True), pairs
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"{p}: invalid args: {exc}") from exc
+    deployments = {
+        d.name: {k: v for k, v in d.model_dump(exclude_unset=True).items() if k != "name"}
+        for d in app.deployments
+    }
+    return ServeRun(app.name, app.route_prefix or "/", app_args, deployments, http)
+
+
+def pipeline_serve_config(serve: ServeArgs, lake: Lake | str, name: str, version: str) -> ServeRun:
+    """The Serve config a pipeline run deploys (``serve.config``), with what the run decides.
+
+    The run's lake, the registry name and version it trained, and the ``PIPELINE_KEYS`` of
+    its ``serve`` section override the file (``resolve_settings``).
+
+    Args:
+        serve: The pipeline config's ``serve`` section.
+        lake: The run's lake.
+        name: Registry name of the trained model.
+        version: The version to serve.
+    """
+    uri = lake.uri if isinstance(lake, Lake) else lake
+    values: dict[str, Any] = {"lake": uri, "name": name, "model": version}
+    values.update({key: getattr(serve, key) for key in PIPELINE_KEYS})
+    return load_serve_config(serve.config, values=values)

@@ -1,76 +1,72 @@
-"""Running the serving stage from a Serve config file (what ``python -m jobs.serve`` calls).
+"""Building the Serve application graph and running it from a Serve config file.
 
-The config is a regular Serve config (``serve_configs/*.yaml``, validated by
-``ServeDeploySchema``); its first application's ``args`` become a ``ServeAppArgs`` (dotted
-overrides such as ``model=staging`` or ``cache_size=0`` apply to them) and its ``deployments``
-become per-deployment options, exactly as ``serve run <file>`` would apply them.
+``build_app`` is the builder that Serve imports by dotted path (``import_path:
+app.serve.deploy:build_app`` in ``serve_configs/*.yaml``); ``run`` is what ``python -m
+jobs.serve`` and the pipeline call with a resolved ``ServeRun`` (``app.serve.args``), applying
+its deployment options exactly as ``serve run <file>`` would.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Serve validates ``args`` against the builder's
+# annotation only when it is a class, not a string.
 
 import json
-import logging
 import time
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
+import uuid
 from typing import Any
 
-import yaml
+from ray.serve import Application
 
 from app import cluster
-from app.config import ConfigError, parse_overrides
-from app.serve.args import ServeAppArgs
-
-log = logging.getLogger("scalerec.serve")
-
-
-@dataclass
-class ServeRun:
-    """A Serve config file, resolved: app args, deployment options and HTTP options."""
-
-    name: str
-    route_prefix: str
-    args: ServeAppArgs
-    deployments: dict[str, dict[str, Any]]
-    http_options: dict[str, Any]
+from app.serve.admin import admin_token_sha256
+from app.serve.args import ServeAppArgs, ServeRun
+from app.serve.ingress import Ingress
+from app.serve.ranker import Ranker
+from app.serve.retriever import Retriever, ScoringOptions
+from app.serve.store import load_catalogue
+from app.store import Lake, get_record, resolve
 
 
-def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> ServeRun:
-    """Read and validate a Serve config file; apply ``key=value`` overrides to its ``args``.
+def build_application(
+    args: ServeAppArgs | dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None
+) -> Application:
+    """The ScaleRec application graph, with optional per-deployment option overrides.
 
-    Raises:
-        ConfigError: naming the file and the problem.
+    Args:
+        args: Application arguments.
+        deployments: ``{"Retriever": {"autoscaling_config": ...}, ...}`` as in a Serve config's
+            ``deployments:`` list (``jobs.serve`` passes the YAML's).
     """
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
+    if not isinstance(args, ServeAppArgs):
+        args = ServeAppArgs.model_validate(args)
+    lake = Lake(args.lake)
+    version = resolve(lake, args.name, args.model)
+    opts = deployments or {}
+    ingress_args = (
+        args.model_dump(mode="json"),
+        version,
+        uuid.uuid4().hex[:12],
+        admin_token_sha256(args.admin_token_env),
+    )
+    if args.colocate_scoring:  # one deployment: the ingress scores and ranks itself
+        return Ingress.options(**opts.get("Ingress", {})).bind(*ingress_args)
+    retriever = Retriever.options(**opts.get("Retriever", {})).bind(
+        args.lake,
+        args.name,
+        version,
+        args.max_batch_size,
+        args.batch_wait_timeout_s,
+        ScoringOptions.of(args),
+    )
+    ranker = Ranker.options(**opts.get("Ranker", {})).bind(
+        lake, args.name, args.max_per_genre, list(args.blocked_items)
+    )
+    return Ingress.options(**opts.get("Ingress", {})).bind(*ingress_args, retriever, ranker)
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"serve config not found: {p} (see serve_configs/)")
-    try:
-        schema = ServeDeploySchema.model_validate(yaml.safe_load(p.read_text()))
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{p}: not a valid Serve config: {exc}") from exc
-    if not schema.applications:
-        raise ConfigError(f"{p}: no applications")
-    app = schema.applications[0]
-    args = dict(app.args or {})
-    http = schema.http_options.model_dump(exclude_unset=True)
-    for key, value in parse_overrides(overrides or []):
-        key = key.removeprefix("args.")
-        args[key] = value
-        if key in ("host", "port"):  # where to listen: the override wins over http_options
-            http[key] = value
-    try:
-        app_args = ServeAppArgs.model_validate(args)
-    except ValidationError as exc:
-        raise ConfigError(f"{p}: invalid args: {exc}") from exc
-    deployments = {
-        d.name: {k: v for k, v in d.model_dump(exclude_unset=True).items() if k != "name"}
-        for d in app.deployments
-    }
-    return ServeRun(app.name, app.route_prefix or "/", app_args, deployments, http)
+
+def build_app(args: ServeAppArgs) -> Application:
+    """Serve's typed application builder (``import_path: app.serve.deploy:build_app``)."""
+    return build_application(args)
 
 
 def sample_request(url: str, user_id: str, k: int = 5, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -94,21 +90,14 @@ def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
     """Start Serve on the connected cluster, deploy the app, print a sample and keep serving."""
     from ray import serve
 
-    from app.lake import Lake
-    from app.registry import get_record
-    from app.serve.app import build_application
-    from app.serve.store import load_catalogue
-
-    host = run_cfg.http_options.get("host", run_cfg.args.host)
-    port = int(run_cfg.http_options.get("port", run_cfg.args.port))
-    serve.start(http_options={**run_cfg.http_options, "host": host, "port": port})
+    serve.start(http_options=run_cfg.http_options)
     try:
         app = build_application(run_cfg.args, run_cfg.deployments)
         serve.run(app, name=run_cfg.name, route_prefix=run_cfg.route_prefix, blocking=False)
         lake = Lake(run_cfg.args.lake)
         ds = get_record(lake, run_cfg.args.name, run_cfg.args.model).lineage["dataset"]
         user = next(iter(load_catalogue(lake, ds["name"], ds["version"]).user_index))
-        url = f"http://{host}:{port}{run_cfg.route_prefix.rstrip('/')}"
+        url = run_cfg.url
         answer = sample_request(url, user)
         print(f"GET {url}/recommend/{user}?k=5")
         print(json.dumps(answer, indent=2))
@@ -118,6 +107,7 @@ def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
             while True:
                 time.sleep(3600)
     finally:
-        # also on Ctrl-C / SIGTERM (KeyboardInterrupt), which then reaches the job's run_job
-        serve.shutdown()
+        # also on Ctrl-C / SIGTERM (KeyboardInterrupt), which then reaches the job's run_job;
+        # bounded, because a SIGTERM to the process group may have stopped the controller
+        cluster.bounded(serve.shutdown, timeout_s=10.0, what="serve shutdown")
     return answer

@@ -20,8 +20,12 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from app.serve import args as _replica
 from app.serve.metrics import ServeMetrics
+
+RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
+"""The ingress replica of this process, as its ASGI guard reads it: body limit, metrics and the
+fast-path handler (``recommend``). The ingress fills it through this module object: Serve ships
+the ingress class by value, so a global of the ingress's own module would be a copy."""
 
 ID = Field(min_length=1, max_length=256)
 
@@ -151,7 +155,7 @@ async def _send_ok(send: Any, body: bytes) -> None:
 
 def _record(scope: dict[str, Any], start: float, status: int) -> None:
     """Latency and status metrics of one request (when the replica has set up its metrics)."""
-    metrics: ServeMetrics | None = _replica.RUNTIME["metrics"]
+    metrics: ServeMetrics | None = RUNTIME["metrics"]
     if metrics is not None:
         endpoint = endpoint_name(scope.get("path", ""))
         metrics.latency_ms.observe(
@@ -170,7 +174,7 @@ class FastPathAPI(FastAPI):
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Handle one ASGI call."""
-        handler: FastRecommend | None = _replica.RUNTIME.get("recommend")
+        handler: FastRecommend | None = RUNTIME.get("recommend")
         if handler is not None and scope["type"] == "http":
             fast = fast_recommend_args(scope)
             if fast is not None and _no_body(scope):
@@ -206,7 +210,7 @@ class BodyLimitAndMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = int(_replica.RUNTIME["max_body_bytes"])
+        limit = int(RUNTIME["max_body_bytes"])
         start = time.perf_counter()
         status = {"code": 500}
 

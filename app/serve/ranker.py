@@ -13,10 +13,8 @@ from collections import Counter
 import numpy as np
 from ray import serve
 
-from app.dataset import GENRES, ITEM_ID, load_dataset
-from app.lake import Lake
-from app.registry import get_record
 from app.serve.retriever import Candidates
+from app.store import ITEM_ID, ITEM_IDX, Lake, get_record, load_dataset
 
 
 def rerank(
@@ -58,13 +56,11 @@ class RankRules:
     def _catalogue(self, version: str) -> tuple[list[list[str]], set[int]]:
         if version not in self._catalogues:
             info = get_record(self.lake, self.name, version).lineage["dataset"]
-            items = load_dataset(self.lake, info["name"], info["version"]).items()
+            ds = load_dataset(self.lake, info["name"], info["version"])
+            items = ds.items()
             ids = [str(i) for i in items.column(ITEM_ID).to_pylist()]
-            idx = items.column("item_idx").to_numpy()
-            genres: list[list[str]] = [[] for _ in range(len(ids))]
-            if GENRES in items.column_names:
-                for i, gs in zip(idx, items.column(GENRES).to_pylist(), strict=True):
-                    genres[int(i)] = list(gs or [])
+            idx = items.column(ITEM_IDX).to_numpy()
+            genres = ds.item_genres() or [[] for _ in range(ds.n_items)]
             blocked = {int(i) for i, iid in zip(idx, ids, strict=True) if iid in self.blocked_ids}
             if len(self._catalogues) >= 2:  # the served version and the previous one
                 self._catalogues.pop(next(iter(self._catalogues)))
@@ -84,8 +80,8 @@ class RankRules:
 class Ranker:
     """Blocked-item filter and genre diversity cap over retrieved candidates."""
 
-    def __init__(self, lake: str, name: str, max_per_genre: int, blocked_items: list[str]) -> None:
-        self.rules = RankRules(Lake(lake), name, max_per_genre, blocked_items)
+    def __init__(self, lake: Lake, name: str, max_per_genre: int, blocked_items: list[str]) -> None:
+        self.rules = RankRules(lake, name, max_per_genre, blocked_items)
 
     def rank(self, candidates: list[Candidates], ks: list[int]) -> list[Candidates]:
         """Rerank each candidate list to its ``k``."""

@@ -2,7 +2,8 @@
 
 Models with embeddings (MF, two-tower) score a batch of users with one ``U @ Vᵀ`` matrix-matrix
 product (``@serve.batch`` turns many matrix-vector products into one); models without them
-(popularity, EASE) score through ``Recommender.score``. The replica keeps the two most recent
+(popularity, EASE) score through ``Recommender.score``. Every list is ranked by
+``app.models.top_k`` (equal scores: lower item index first). The replica keeps the two most recent
 model versions in memory and loads a version the first time a query names it, so a reload never
 fails a request (the first queries of a new version wait for its load instead).
 """
@@ -16,16 +17,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from ray import serve
 
-from app.compress import EmbeddingTable
-from app.compress import quantize as compress_model
 from app.config import ServeArgs
-from app.lake import Lake
-from app.model import Recommender
-from app.registry import ModelRecord, load_model
+from app.models import (
+    EmbeddingTable,
+    QuantizedRecommender,
+    Recommender,
+    item_matrix,
+    quantize,
+    top_k,
+    top_k_dot,
+)
 from app.serve.ann import AnnIndex
+from app.store import Lake, ModelRecord, as_lake, load_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ class ScoringOptions:
 
     Attributes:
         quantize: ``none`` scores with the fp32 item table (``top_k_dot``); ``fp16`` / ``int8``
-            serve the compressed variant (``app.compress``): its table's ``search``.
+            serve the compressed variant (``app.models.quantize``): its table's ``search``.
         ann_min_items: fp32 item tables with at least this many rows are searched with a faiss
             HNSW index (``app.serve.ann``) instead of exactly; None: always exact.
         ann_ef_search: HNSW search effort per query (recall against speed).
@@ -83,86 +88,6 @@ class Candidates:
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
-def top_k_dot(
-    users: np.ndarray, items: np.ndarray | torch.Tensor, exclude: list[np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of ``users @ itemsᵀ`` per row, excluded items removed.
-
-    The product goes through numpy's BLAS; ``top_k_rows`` then selects in place. Store the items
-    column-major (``np.asfortranarray``, see ``item_matrix``): ``itemsᵀ`` is then a C-contiguous
-    ``(d, N)`` matrix, which BLAS multiplies faster than row-major items and faster than
-    ``torch.matmul`` on either layout, most of all for a single user (docs/performance.md).
-
-    Args:
-        users: ``(B, d)`` user vectors.
-        items: ``(N, d)`` float32 item vectors, ideally from ``item_matrix``.
-        exclude: per row, item indices that must not be returned.
-        k: list length (rows with fewer candidates are padded with ``-1`` / ``-inf``).
-
-    Returns:
-        ``(B, k)`` item indices and ``(B, k)`` scores, best first.
-    """
-    v = items.numpy() if isinstance(items, torch.Tensor) else items
-    u = np.ascontiguousarray(users, dtype=v.dtype)
-    scores = torch.from_numpy(u @ v.T)
-    return _top_k_scores(scores, exclude, k)
-
-
-def item_matrix(items: np.ndarray | torch.Tensor) -> np.ndarray:
-    """``(N, d)`` float32 item vectors in the layout ``top_k_dot`` scores fastest (column-major)."""
-    v = items.numpy() if isinstance(items, torch.Tensor) else items
-    return np.asfortranarray(v, dtype=np.float32)
-
-
-TOPK_CHUNK = 512
-"""Scores per chunk in ``top_k_rows``."""
-
-
-def top_k_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(scores, k, dim=1, sorted=True)`` that sorts only a few chunks per row.
-
-    Each row is cut into chunks of ``TOPK_CHUNK`` scores. At least k scores are >= the k-th
-    largest chunk maximum, so every top-k score lies in one of the k chunks with the largest
-    maxima (or in the ragged tail, which is always kept): one pass for the chunk maxima, then
-    a top-k over k chunks instead of the whole row. Exact; which of several exactly equal
-    scores is returned is as unspecified as in ``torch.topk``. Sorting k chunks instead of the
-    whole row is what makes it faster than ``torch.topk`` on large catalogues.
-    """
-    n_rows, n = scores.shape
-    n_chunks = n // TOPK_CHUNK
-    if n_chunks <= 2 * k:  # small rows: nothing to skip
-        return torch.topk(scores, k, dim=1, sorted=True)
-    body = scores[:, : n_chunks * TOPK_CHUNK]
-    maxima = body.reshape(n_rows, n_chunks, TOPK_CHUNK).amax(dim=2)
-    best = torch.topk(maxima, k, dim=1, sorted=False).indices  # (rows, k) chunk numbers
-    offsets = torch.arange(TOPK_CHUNK, dtype=torch.int64)
-    cols = (best[:, :, None] * TOPK_CHUNK + offsets).reshape(n_rows, k * TOPK_CHUNK)
-    tail = torch.arange(n_chunks * TOPK_CHUNK, n, dtype=torch.int64).expand(n_rows, -1)
-    cols = torch.cat([cols, tail], dim=1)
-    vals, pos = torch.topk(scores.gather(1, cols), k, dim=1, sorted=True)
-    return vals, cols.gather(1, pos)
-
-
-def _top_k_scores(
-    scores: torch.Tensor, exclude: list[np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    scores = scores.contiguous()  # a no-op for fresh products; the flat view below needs it
-    n_rows, n_items = scores.shape
-    lens = [len(ex) for ex in exclude]
-    if sum(lens):  # every excluded (row, item) in one indexing op
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), lens)
-        cols = np.concatenate([np.asarray(ex, dtype=np.int64) for ex in exclude])
-        scores.view(-1)[torch.from_numpy(rows * n_items + cols)] = float("-inf")
-    kk = min(k, n_items)
-    vals, idx = top_k_rows(scores, kk)
-    out_i = np.full((n_rows, k), -1, dtype=np.int64)
-    out_s = np.full((n_rows, k), -np.inf, dtype=np.float32)
-    out_i[:, :kk] = idx.numpy()
-    out_s[:, :kk] = vals.numpy()
-    out_i[~np.isfinite(out_s)] = -1
-    return out_i, out_s
-
-
 def _csr(rows: list[np.ndarray], n_items: int) -> sp.csr_matrix:
     lens = np.array([len(r) for r in rows], dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(lens)])
@@ -186,12 +111,14 @@ class LoadedModel:
         opts = options or ScoringOptions()
         emb = model.item_embeddings()
         if opts.quantize != "none" and emb is not None:
-            model = compress_model(model, opts.quantize)
+            model = quantize(model, opts.quantize)
         self.model = model
         self.record = record
         self.version = record.version
-        self.family = str(getattr(model, "base_family", model.family))
-        self.table: EmbeddingTable | None = getattr(model, "table", None)
+        self.family: str = model.family
+        self.table: EmbeddingTable | None = None
+        if isinstance(model, QuantizedRecommender):
+            self.family, self.table = model.base_family, model.table
         # A compressed table scores by itself: no fp32 copy of the items next to it.
         emb = None if self.table is not None else model.item_embeddings()
         self.items: np.ndarray | None = None if emb is None else item_matrix(emb)
@@ -215,8 +142,8 @@ class LoadedModel:
         history = _csr([q.history for q in queries], m.n_items)
         k = max(q.k for q in queries)
         if not self.embedded:
-            scores = torch.from_numpy(np.array(m.score(users, history), dtype=np.float32))
-            idx, vals = _top_k_scores(scores, [q.exclude for q in queries], k)
+            scores = np.asarray(m.score(users, history), dtype=np.float32)
+            idx, vals = top_k(scores, [q.exclude for q in queries], k)
         else:
             u = np.array(m.user_embeddings(users, history), dtype=np.float32)
             if self.family == "mf":
@@ -263,12 +190,10 @@ class LoadedModel:
         """Items closest to ``item_idx``: cosine over item vectors, else the model's scores."""
         if not self.embedded:
             hist = _csr([np.array([item_idx])], self.model.n_items)
-            scores = torch.from_numpy(
-                np.array(self.model.score(np.array([-1]), hist), dtype=np.float32)
-            )
+            scores = np.asarray(self.model.score(np.array([-1]), hist), dtype=np.float32)
         else:
-            scores = torch.from_numpy(self._cosine(item_idx)[None, :])
-        idx, vals = _top_k_scores(scores, [np.array([item_idx])], k)
+            scores = self._cosine(item_idx)[None, :]
+        idx, vals = top_k(scores, [np.array([item_idx])], k)
         keep = idx[0] >= 0
         return Candidates(self.version, idx[0][keep], vals[0][keep])
 
@@ -332,7 +257,7 @@ class ModelVersions:
         Args:
             queries: Queries, possibly of different versions (during a switch).
             offload: Score in a worker thread, so the caller's event loop keeps accepting
-                requests meanwhile (BLAS and ``topk`` release the GIL).
+                requests meanwhile (BLAS and torch's ``topk`` release the GIL).
         """
         results: dict[int, Candidates] = {}
         for version in dict.fromkeys(q.version for q in queries):
@@ -351,14 +276,14 @@ class Retriever:
 
     def __init__(
         self,
-        lake: str,
+        lake: Lake | str,
         name: str,
         version: str,
         max_batch_size: int,
         batch_wait_timeout_s: float,
         options: ScoringOptions | None = None,
     ) -> None:
-        self.versions = ModelVersions(Lake(lake), name, options)
+        self.versions = ModelVersions(as_lake(lake), name, options)
         self.versions.load_sync(version)
         self.retrieve.set_max_batch_size(max_batch_size)
         self.retrieve.set_batch_wait_timeout_s(batch_wait_timeout_s)

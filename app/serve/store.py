@@ -5,6 +5,8 @@
   (fsync'ed before the 202) and every ingress replica tails the same log, so the next
   ``/recommend`` on any replica sees them. Each user's *history version* is the number of their
   events in the log, which is part of the answer cache key.
+- ``Catalogues``: the catalogue of each served model version (``ServedVersion``), loaded once per
+  dataset version.
 - ``ServingPointer``: the model version the application serves, in
   ``<lake>/serving/<name>/<app id>.json``; ``POST /admin/reload`` rewrites it and every replica
   follows.
@@ -17,6 +19,7 @@ replicas poll every ``pointer_poll_s``; the replica that accepted the events see
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import posixpath
@@ -29,8 +32,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from app.dataset import GENRES, ITEM_ID, USER_ID, load_dataset
-from app.lake import Lake
+from app.store import (
+    ITEM_ID,
+    ITEM_IDX,
+    USER_ID,
+    USER_IDX,
+    Lake,
+    ModelRecord,
+    get_record,
+    load_dataset,
+)
 
 
 @dataclass
@@ -76,19 +87,13 @@ def load_catalogue(lake: Lake, dataset: str, version: str) -> Catalogue:
     """Read a dataset version's id maps and interactions into memory."""
     ds = load_dataset(lake, dataset, version)
     users = ds.users().column(USER_ID).to_pylist()
-    user_idx = ds.users().column("user_idx").to_numpy()
+    user_idx = ds.users().column(USER_IDX).to_numpy()
     items_t = ds.items()
     item_ids = [""] * ds.n_items
     for idx, iid in zip(
-        items_t.column("item_idx").to_numpy(), items_t.column(ITEM_ID).to_pylist(), strict=True
+        items_t.column(ITEM_IDX).to_numpy(), items_t.column(ITEM_ID).to_pylist(), strict=True
     ):
         item_ids[int(idx)] = str(iid)
-    genres: list[list[str]] = [[] for _ in range(ds.n_items)]
-    if GENRES in items_t.column_names:
-        for idx, gs in zip(
-            items_t.column("item_idx").to_numpy(), items_t.column(GENRES).to_pylist(), strict=True
-        ):
-            genres[int(idx)] = list(gs or [])
     history = ds.csr("train", "valid", "test").tocsr()
     history.sort_indices()
     counts = np.asarray(history.sum(axis=0), dtype=np.float32).ravel()
@@ -102,8 +107,56 @@ def load_catalogue(lake: Lake, dataset: str, version: str) -> Catalogue:
         history=history,
         popular=popular,
         popularity=counts,
-        genres=genres,
+        genres=ds.item_genres() or [[] for _ in range(ds.n_items)],
     )
+
+
+@dataclass
+class ServedVersion:
+    """One servable model version: its registry record and its dataset's catalogue."""
+
+    version: str
+    record: ModelRecord
+    catalogue: Catalogue
+
+
+class Catalogues:
+    """Catalogues of the versions a replica serves: the current one and the one it switches to."""
+
+    def __init__(self, lake: Lake, name: str) -> None:
+        self.lake = lake
+        self.name = name
+        self._loaded: dict[tuple[str, str], Catalogue] = {}
+
+    def load(self, version: str, current: ServedVersion | None = None) -> ServedVersion:
+        """``version`` of the served model with its catalogue (loaded unless already in memory).
+
+        Loading a new dataset version drops every catalogue except ``current``'s.
+        """
+        record = get_record(self.lake, self.name, version)
+        ds = record.lineage["dataset"]
+        key = (str(ds["name"]), str(ds["version"]))
+        if key not in self._loaded:
+            keep = (
+                None if current is None else (current.catalogue.dataset, current.catalogue.version)
+            )
+            self._loaded = {k: v for k, v in self._loaded.items() if k == keep}
+            self._loaded[key] = load_catalogue(self.lake, *key)
+            freeze_heap()
+        return ServedVersion(record.version, record, self._loaded[key])
+
+
+def freeze_heap() -> None:
+    """Exempt what is loaded now (catalogue dicts, id lists, models) from garbage collection.
+
+    A full collection walks every tracked object, and a loaded catalogue holds hundreds of
+    thousands of them: the pause lands on whichever requests are in flight. Frozen objects are
+    still freed by reference counting when a reload drops them; only reference cycles among
+    them would stay. After a reload that loads a new dataset version only the new objects are
+    walked.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class EventLog:

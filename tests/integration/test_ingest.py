@@ -11,9 +11,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from app import data
+from app import ingest
 from app.config import load_config
-from app.dataset import load_dataset
+from app.store import Lake, load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 ML_SMALL = ROOT.parent / "shared" / "data" / "ml-latest-small"
@@ -38,7 +38,7 @@ def ml_small(ray_cluster, tmp_path_factory):
         pytest.skip("ml-latest-small is not at ../shared/data")
     lake = tmp_path_factory.mktemp("lake")
     cfg = _cfg(lake=lake, **{"data.path": ML_SMALL})
-    return cfg, data.run(cfg.data, cfg.lake)
+    return cfg, ingest.run(cfg.data, Lake(cfg.lake))
 
 
 def test_ml_latest_small_counts_and_splits(ml_small):
@@ -93,7 +93,7 @@ def test_item_features_are_attached(ml_small):
 
 def test_rerun_is_idempotent(ml_small):
     cfg, ds = ml_small
-    again = data.run(cfg.data, cfg.lake)
+    again = ingest.run(cfg.data, Lake(cfg.lake))
     assert again.version == ds.version
     assert os.listdir(Path(cfg.lake) / "datasets" / cfg.data.name) == [ds.version]
 
@@ -101,7 +101,7 @@ def test_rerun_is_idempotent(ml_small):
 def test_config_change_gives_a_new_version(ml_small, tmp_path):
     cfg, ds = ml_small
     cfg2 = _cfg(lake=cfg.lake, **{"data.path": ML_SMALL, "data.test_fraction": 0.25})
-    other = data.run(cfg2.data, cfg2.lake)
+    other = ingest.run(cfg2.data, Lake(cfg2.lake))
     assert other.version != ds.version
     assert load_dataset(cfg.lake, cfg.data.name, "latest").version == other.version
     assert other.manifest["splits"]["test"] > ds.manifest["splits"]["test"]
@@ -137,7 +137,7 @@ def test_bad_rows_are_quarantined_and_counts_add_up(ray_cluster, tmp_path):
             "data.columns.rating=rating",
         ],
     )
-    m = data.run(cfg.data, cfg.lake).manifest
+    m = ingest.run(cfg.data, Lake(cfg.lake)).manifest
     _check_invariant(m)
     files = {Path(f["path"]).name: f for f in m["files"]}
     # (1, 1) is in both files; its earliest event (ts=1, in b) is kept, the others collapse.
@@ -167,8 +167,8 @@ def test_wrong_delimiter_fails_with_a_hint(ray_cluster, tmp_path):
     raw.mkdir()
     (raw / "r.csv").write_text("userId;movieId;timestamp\n1;2;3\n")
     cfg = load_config(None, [f"lake={tmp_path}", "data.source=files", f"data.path={raw}"])
-    with pytest.raises(data.IngestError, match=r"data.delimiter=';'"):
-        data.run(cfg.data, cfg.lake)
+    with pytest.raises(ingest.IngestError, match=r"data.delimiter=';'"):
+        ingest.run(cfg.data, Lake(cfg.lake))
 
 
 def test_all_rows_bad_is_a_clear_error(ray_cluster, tmp_path):
@@ -176,8 +176,8 @@ def test_all_rows_bad_is_a_clear_error(ray_cluster, tmp_path):
     raw.mkdir()
     (raw / "r.csv").write_text("userId,movieId,timestamp\n,2,3\n1,,3\n")
     cfg = load_config(None, [f"lake={tmp_path}", "data.source=files", f"data.path={raw}"])
-    with pytest.raises(data.IngestError, match="all rows quarantined"):
-        data.run(cfg.data, cfg.lake)
+    with pytest.raises(ingest.IngestError, match="all rows quarantined"):
+        ingest.run(cfg.data, Lake(cfg.lake))
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -206,7 +206,7 @@ def test_jsonl_and_parquet_sources(ray_cluster, tmp_path, fmt):
             "data.columns.weight=w",
         ],
     )
-    ds = data.run(cfg.data, cfg.lake)
+    ds = ingest.run(cfg.data, Lake(cfg.lake))
     m = ds.manifest
     _check_invariant(m)
     assert m["rows_ingested"] == 4 and m["duplicates_collapsed"] == 1
@@ -232,7 +232,7 @@ def test_ingest_from_and_to_s3(ray_cluster, s3_bucket, tmp_path):
             "data.columns.rating=rating",
         ],
     )
-    ds = data.run(cfg.data, cfg.lake)
+    ds = ingest.run(cfg.data, Lake(cfg.lake))
     _check_invariant(ds.manifest)
     assert ds.manifest["rows_ingested"] == 20 and ds.manifest["rows_quarantined"] == 1
     again = load_dataset(lake, "s3data")

@@ -1,4 +1,7 @@
-"""The Serve application on a real local Ray cluster, over real HTTP on its own port."""
+"""The Serve application on a real local Ray cluster, over real HTTP on its own port.
+
+The pieces that need neither Ray nor a server are tested in tests/unit/serve/.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +15,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import requests
-import scipy.sparse as sp
 
 from app.config import AppConfig, ModelArgs
-from app.dataset import ITEM_IDX, TIMESTAMP, USER_IDX, load_dataset, write_dataset
-from app.lake import Lake
-from app.model import build_model
-from app.registry import promote, register
-from app.serve import ServeAppArgs, TTLCache, build_application, rerank
-from app.serve.retriever import Candidates, LoadedModel, Query
+from app.models import build_model
+from app.serve import ServeAppArgs, build_application
+from app.store import (
+    ITEM_IDX,
+    TIMESTAMP,
+    USER_IDX,
+    Lake,
+    load_dataset,
+    promote,
+    register,
+    write_dataset,
+)
 
 N_GROUPS, USERS_PER_GROUP, ITEMS_PER_GROUP, PER_USER = 4, 20, 12, 8
 N_USERS, N_ITEMS = N_GROUPS * USERS_PER_GROUP, N_GROUPS * ITEMS_PER_GROUP
@@ -118,7 +125,10 @@ NICE_0 = {"RAY_worker_niceness": "0"}
 
 
 def test_ingress_runs_at_normal_priority(served: str) -> None:
-    """``RAY_worker_niceness`` in a replica's runtime_env (serve_configs/) lifts Ray's nice 15."""
+    """``RAY_worker_niceness`` in a replica's runtime_env (serve_configs/) lifts Ray's nice 15.
+
+    tests/unit/serve/test_args.py checks that every serve config sets it.
+    """
     nice = {}
     for proc in Path("/proc").iterdir():
         try:
@@ -154,55 +164,6 @@ def _post(url: str, path: str, **kw: object) -> requests.Response:
 def _seen(lake: Lake, user: int) -> set[str]:
     h = load_dataset(lake, "tiny").csr("train", "valid", "test")
     return {f"i{i}" for i in h[user].indices}
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure pieces (no Ray)
-# ---------------------------------------------------------------------------------------------
-
-
-def test_ttl_cache_lru_and_expiry() -> None:
-    now = [0.0]
-    cache: TTLCache[int] = TTLCache(2, ttl_s=10, clock=lambda: now[0])
-    cache.put("a", 1)
-    cache.put("b", 2)
-    assert cache.get("a") == 1
-    cache.put("c", 3)  # evicts b, the least recently used
-    assert cache.get("b") is None and cache.get("c") == 3
-    now[0] = 11
-    assert cache.get("a") is None
-    assert (cache.hits, cache.misses) == (2, 2)
-    assert TTLCache(0, 1).get("x") is None
-
-
-def test_rerank_blocks_and_caps_genres() -> None:
-    cand = Candidates("v", np.arange(6), np.linspace(1, 0, 6).astype(np.float32))
-    genres = [["a"], ["a"], ["a"], ["b"], ["b"], ["c"]]
-    out = rerank(cand, 4, genres, blocked={1}, max_per_genre=1)
-    assert out.items.tolist() == [0, 3, 5, 2]  # 1 blocked; 2 and 4 deferred; 2 fills the list
-
-
-@pytest.mark.parametrize("family", ["popularity", "ease", "mf"])
-def test_loaded_model_excludes_and_folds_in(family: str) -> None:
-    from app.registry import ModelRecord
-
-    rng = np.random.default_rng(0)
-    train = sp.csr_matrix((rng.random((30, 12)) < 0.3).astype(np.float32))
-    model = build_model(ModelArgs(name=family, embed_dim=4, ease_lambda=1.0), 30, 12)
-    if hasattr(model, "fit"):
-        model.fit(train)
-    loaded = LoadedModel(model, ModelRecord(NAME, "v1", "", {}))
-    hist = np.array([0, 1, 2])
-    queries = [
-        Query("v1", 3, hist, hist[:0], hist, 5),
-        Query("v1", -1, hist, hist[:0], np.arange(10), 5),  # new user: fold-in
-    ]
-    a, b = loaded.score(queries)
-    assert len(a.items) == 5 and not set(a.items.tolist()) & {0, 1, 2}
-    assert set(b.items.tolist()) <= {10, 11}
-    assert np.all(np.diff(a.scores) <= 0)
-    sim = loaded.similar(0, 3)
-    assert 0 not in sim.items.tolist() and len(sim.items) == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,24 +426,6 @@ def test_autoscaling_up_and_down(served: str, lake_with_models: tuple[Lake, list
     serve.delete("scalerec-auto")
 
 
-@pytest.mark.parametrize("path", ["serve_configs/local.yaml", "serve_configs/production.yaml"])
-def test_serve_configs_validate(path: str) -> None:
-    from app.serve.deploy import load_serve_config
-
-    run = load_serve_config(path, ["model=staging", "cache_size=0"])
-    assert run.args.model == "staging" and run.args.cache_size == 0
-    # A colocated app is one deployment; the graph has all three.
-    expected = {"Ingress"} if run.args.colocate_scoring else {"Ingress", "Retriever", "Ranker"}
-    assert set(run.deployments) == expected
-    for name in sorted(expected - {"Ranker"}):
-        auto = run.deployments[name]["autoscaling_config"]
-        assert auto["min_replicas"] <= auto["max_replicas"]
-        assert run.deployments[name]["max_ongoing_requests"] > auto["target_ongoing_requests"]
-    for options in run.deployments.values():  # serving at normal CPU priority (see above)
-        env = options["ray_actor_options"]["runtime_env"]["env_vars"]
-        assert env.get("RAY_worker_niceness") == NICE_0["RAY_worker_niceness"]
-
-
 def test_colocated_scoring_answers_like_the_deployment_graph(
     served: str, lake_with_models: tuple[Lake, list[str]]
 ) -> None:
@@ -535,58 +478,3 @@ def test_colocated_scoring_answers_like_the_deployment_graph(
         assert [a["user_id"] for a in answers] == users
     finally:
         serve.delete("scalerec-colocated")
-
-
-def test_typed_builder_from_import_path(lake_with_models: tuple[Lake, list[str]]) -> None:
-    from ray.serve import Application
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve._private.utils import import_attr
-
-    lake, _ = lake_with_models
-    builder = import_attr("app.serve:build_app")
-    app = call_user_app_builder_with_args_if_necessary(builder, {"lake": lake.uri, "name": NAME})
-    assert isinstance(app, Application)
-    with pytest.raises(Exception, match="max_k"):
-        call_user_app_builder_with_args_if_necessary(builder, {"lake": lake.uri, "max_k": 0})
-
-
-def test_warm_answers_from_batch_predictions(lake_with_models: tuple[Lake, list[str]]) -> None:
-    from app.predict import predict_table
-    from app.registry import load_model
-    from app.serve.app import warm_answers
-    from app.serve.store import load_catalogue
-
-    lake, versions = lake_with_models
-    model, record = load_model(lake, NAME, versions[0])
-    cat = load_catalogue(lake, "tiny", "v-tiny")
-    ds = load_dataset(lake, "tiny", "v-tiny")
-    users = np.arange(N_USERS)
-    user_ids, item_ids = np.array(_ids("u", N_USERS), object), np.array(_ids("i", N_ITEMS), object)
-    table = predict_table(model, users, model.history(ds, "train"), user_ids, item_ids, k=12)
-    # Plant a seen item at the head of u0's list: serving must drop it again.
-    lists = table.column("items").to_pylist()
-    seen0 = sorted(_seen(lake, 0))
-    lists[0] = [seen0[0]] + lists[0][:-1]
-    table = table.set_column(1, "items", pa.array(lists, pa.list_(pa.string())))
-    answers = warm_answers(table, cat, record.version, k=10, limit=50)
-    assert len(answers) == 50
-    by_user = {a.user_id: a for a in answers}
-    assert seen0[0] not in [x.item_id for x in by_user["u0"].items]
-    for user in (0, 5, 13):
-        a = by_user[f"u{user}"]
-        ids = [x.item_id for x in a.items]
-        assert len(ids) == 10 and not set(ids) & _seen(lake, user)
-        assert a.model_version == record.version and a.history_version == 0
-    # The same lists the retriever computes for these users (u0 lost one item to the filter).
-    loaded = LoadedModel(model, record)
-    for user in (5, 13):
-        q = Query(
-            record.version,
-            user,
-            cat.known_items(user),
-            np.zeros(0, np.int64),
-            cat.known_items(user),
-            10,
-        )
-        want = [cat.item_ids[i] for i in loaded.score([q])[0].items]
-        assert [x.item_id for x in by_user[f"u{user}"].items] == want

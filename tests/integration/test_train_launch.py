@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app import registry
 from app.config import load_config
-from app.train import run
+from app.store import Lake, aliases
+from app.train import dataset_for, run
 
 
 def test_ray_train_stage_with_a_relative_lake(ray_cluster, tiny_dataset, tmp_path, monkeypatch):
@@ -28,8 +28,8 @@ def test_ray_train_stage_with_a_relative_lake(ray_cluster, tiny_dataset, tmp_pat
         ],
     )
     assert cfg.lake == str(tmp_path / "lake") == tiny_dataset.lake.uri
-    record = run(cfg)
+    record = run(cfg, dataset_for(Lake(cfg.lake), cfg.data, seed=cfg.seed))
     assert record.lineage["dataset"]["version"] == tiny_dataset.version
-    assert registry.aliases(tiny_dataset.lake, "tiny-mf")["staging"] == record.version
+    assert aliases(tiny_dataset.lake, "tiny-mf")["staging"] == record.version
     runs = Path(tmp_path / "lake" / "runs")
     assert any(runs.iterdir()), "checkpoints go to <lake>/runs, not to the workers' folder"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.config import ModelArgs
+from app.train import fit_splits, with_train
 from bench import train_throughput as tt
 
 
@@ -25,7 +26,7 @@ def test_bench_config_sets_the_workload_and_keeps_user_overrides(tmp_path: Path)
     assert cfg.lake == str(tmp_path / "lake")
     assert (cfg.model.name, cfg.model.embed_dim, cfg.train.lr) == ("mf", 32, 0.01)
     assert cfg.train.refit and cfg.train.epochs == 2 and cfg.train.cpus_per_worker < 1
-    assert tt.fit_splits(cfg) == ("train", "valid")
+    assert fit_splits(cfg.train) == ("train", "valid")
 
 
 def test_plain_loop_sees_every_row_once_per_epoch_and_learns(tiny_dataset) -> None:
@@ -33,9 +34,10 @@ def test_plain_loop_sees_every_row_once_per_epoch_and_learns(tiny_dataset) -> No
     cfg = cfg.model_copy(
         update={"model": ModelArgs(name="mf", embed_dim=16, num_negatives=10_000, temperature=0.2)}
     )
+    cfg = with_train(cfg, refit=False)
     users, items = tt.interaction_tensors(tiny_dataset, ("train",))
-    rec = tt.plain_model(cfg, tiny_dataset, tiny_dataset.csr("train"))
-    epochs = tt.plain_epochs(rec.module, users, items, 64, 0.02, 3)
+    rec = tt.plain_model(cfg, tiny_dataset)
+    epochs = tt.plain_epochs(rec, users, items, 64, 0.02, 3)
     assert [e["interactions"] for e in epochs] == [len(users)] * 3
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert all(0.0 <= sum(e["step_split"].values()) <= 1.01 for e in epochs)  # rounded

@@ -1,4 +1,4 @@
-"""Tests for app.evaluate: exact hand-computed metrics, tie rule, exclusion, ranx agreement, Ray."""
+"""Tests for app.evaluate: exact hand-computed metrics, ranx agreement, Ray, the stage's run."""
 
 from __future__ import annotations
 
@@ -10,24 +10,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from app.evaluate import evaluate, evaluate_ds, metrics_table, ranking_metrics, run, top_k
-from app.model import Recommender
+from app.evaluate import evaluate, evaluate_ds, metrics_table, ranking_metrics, run
+from app.models import Recommender, top_k
 
 
 def _csr(rows: list[list[int]], n_items: int) -> sp.csr_matrix:
     r = [u for u, items in enumerate(rows) for _ in items]
     c = [i for items in rows for i in items]
     return sp.csr_matrix((np.ones(len(c), np.float32), (r, c)), shape=(len(rows), n_items))
-
-
-def _reference_top_k(scores: np.ndarray, exclude: sp.csr_matrix | None, k: int) -> np.ndarray:
-    """Brute force: sort candidates by (-score, index), pad with -1."""
-    out = np.full((scores.shape[0], k), -1)
-    for u, row in enumerate(scores):
-        banned = set(exclude[u].indices) if exclude is not None else set()
-        cand = sorted((i for i in range(len(row)) if i not in banned), key=lambda i: (-row[i], i))
-        out[u, : min(k, len(cand))] = cand[:k]
-    return out
 
 
 # --- hand-built case ---
@@ -58,7 +48,7 @@ _TARGET = _csr([[2, 4], [0, 1, 2, 3, 4], [], [5]], 6)
 
 
 def test_hand_built_case_top_k_and_per_user_metrics() -> None:
-    top = top_k(_SCORES, _HISTORY, 3)
+    top = top_k(_SCORES, _HISTORY, 3).indices
     np.testing.assert_array_equal(top, [[3, 5, 2], [0, 1, 2], [0, 1, 2], [1, 2, 3]])
     m = ranking_metrics(top, _TARGET, 3)
     ndcg0 = 0.5 / (1.0 + 1.0 / math.log2(3))
@@ -86,38 +76,6 @@ def test_default_keys_use_k() -> None:
     assert set(res) == {"ndcg@10", "recall@10", "hr@10", "mrr@10", "coverage@10", "users"}
 
 
-# --- top_k ---
-def test_ties_go_to_lower_index() -> None:
-    scores = np.array([[0.0, 2.0, 1.0, 2.0, 2.0, 1.0, 2.0]], dtype=np.float32)
-    np.testing.assert_array_equal(top_k(scores, None, 3), [[1, 3, 4]])
-    np.testing.assert_array_equal(top_k(scores, None, 6), [[1, 3, 4, 6, 2, 5]])
-    np.testing.assert_array_equal(top_k(np.zeros((1, 50)), None, 4), [[0, 1, 2, 3]])
-
-
-def test_exclusion_and_padding() -> None:
-    scores = np.array([[5.0, 4.0, 3.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
-    exclude = _csr([[0, 2], [0, 1, 2, 3]], 4)
-    top = top_k(scores, exclude, 3)
-    np.testing.assert_array_equal(top, [[1, 3, -1], [-1, -1, -1]])
-    # k larger than the catalogue, non-finite scores still rank (last), scores left untouched
-    scores2 = np.array([[np.nan, -np.inf, 1.0]])
-    before = scores2.copy()
-    np.testing.assert_array_equal(top_k(scores2, None, 5), [[2, 0, 1, -1, -1]])
-    np.testing.assert_array_equal(scores2, before)
-
-
-def test_top_k_matches_brute_force_with_many_ties() -> None:
-    rng = np.random.default_rng(0)
-    n_users, n_items = 200, 40
-    scores = rng.integers(0, 4, size=(n_users, n_items)).astype(np.float32)  # heavy ties
-    exclude = sp.random(n_users, n_items, density=0.3, random_state=1, format="csr")
-    exclude.data[:] = 1.0
-    for k in (1, 5, 10, 40):
-        np.testing.assert_array_equal(
-            top_k(scores, exclude, k), _reference_top_k(scores, exclude, k), err_msg=f"k={k}"
-        )
-
-
 # --- agreement with ranx ---
 @pytest.mark.slow  # numba compiles ranx's metrics on first use, which takes a while
 def test_agrees_with_ranx() -> None:
@@ -133,7 +91,7 @@ def test_agrees_with_ranx() -> None:
     target = _csr([list(rng.choice(n_items, s, replace=False)) for s in sizes], n_items)
     target = target - target.multiply(history > 0)  # relevant items are never in the history
     target.eliminate_zeros()
-    top = top_k(scores, history, k)
+    top = top_k(scores, history, k).indices
     ours = ranking_metrics(top, target, k)
 
     users = [u for u in range(n_users) if target[u].nnz > 0]
@@ -249,12 +207,10 @@ def test_metrics_table() -> None:
 
 # --- the jobs.evaluate entry point ---
 @pytest.mark.slow  # a second Ray Data actor pool
-def test_run_writes_test_metrics(ray_session: None, tmp_path, monkeypatch) -> None:
-    import app.model
+def test_run_writes_test_metrics(ray_session: None, tmp_path) -> None:
     from app.config import load_config
-    from app.dataset import load_dataset, write_dataset
-    from app.lake import Lake
-    from app.registry import get_record, register, registry_name
+    from app.models import EASE
+    from app.store import Lake, get_record, load_dataset, register, registry_name, write_dataset
 
     n_users, n_items = 60, 40
     train, test = _random_split(n_users, n_items, seed=11)
@@ -264,22 +220,19 @@ def test_run_writes_test_metrics(ray_session: None, tmp_path, monkeypatch) -> No
     splits = {"train": train, "valid": valid, "test": test}
     write_dataset(lake, "tiny", "v1", splits, ids[:n_users], ids[:n_items], [["a"]] * n_items)
     cfg = load_config(
-        overrides=[f"lake={lake.uri}", "data.source=synthetic", "data.name=tiny", "model.name=mf"]
+        overrides=[f"lake={lake.uri}", "data.source=synthetic", "data.name=tiny"]
+        + ["model.name=ease", "model.ease_lambda=10"]
     )
-    model = _TableModel(n_users, n_items, seed=5)
+    model = EASE(n_users, n_items, ease_lambda=10.0).fit(train)
     dataset = load_dataset(lake, "tiny", "v1")
-    rec = register(lake, registry_name(cfg), model, cfg, dataset, {"valid_ndcg@10": 0.1})
-
-    def build(args, n_users, n_items, item_genres=None, seed=0):
-        return _TableModel(n_users, n_items, seed=999)  # weights come from the registry
-
-    monkeypatch.setattr(app.model, "build_model", build, raising=False)
-    res = run(cfg, "latest")
+    name = registry_name("tiny", "ease")
+    rec = register(lake, name, model, cfg, dataset, {"valid_ndcg@10": 0.1})
+    res = run(lake, name, "latest")
 
     history = dataset.csr("train", "valid")
     expected = evaluate(lambda u: model.score(u, history[u]), history, dataset.csr("test"))
     assert res == expected
-    stored = get_record(lake, registry_name(cfg), rec.version).metrics
+    stored = get_record(lake, name, rec.version).metrics
     assert stored["valid_ndcg@10"] == 0.1  # merged, not replaced
     assert stored["ndcg@10"] == res["ndcg@10"]
     assert all(stored[k] == res[k] for k in ("recall@10", "hr@10", "mrr@10", "coverage@10"))

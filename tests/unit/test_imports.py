@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import importlib, pkgutil, ray, app
 names = [m.name for m in pkgutil.walk_packages(app.__path__, prefix="app.")]
-assert "app.data" in names and "app.config" in names, names
+assert "app.ingest" in names and "app.config" in names, names
 for name in names:
     importlib.import_module(name)
 assert not ray.is_initialized(), "importing app started Ray"

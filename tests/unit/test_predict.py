@@ -9,16 +9,25 @@ import pytest
 
 from app import predict
 from app.config import AppConfig, DataArgs, ModelArgs
-from app.lake import MANIFEST, LakeError
-from app.model import EASE
-from app.registry import promote, register, registry_name
+from app.models import EASE
+from app.store import (
+    MANIFEST,
+    LakeError,
+    RegistryError,
+    load_predictions,
+    promote,
+    register,
+    registry_name,
+)
+
+NAME = registry_name("tiny", "ease")
 
 
-def _cfg(lake_uri: str, version: str | None = None) -> AppConfig:
+def _cfg(lake_uri: str) -> AppConfig:
     return AppConfig(
         lake=lake_uri,
         data=DataArgs(name="tiny", source="synthetic"),
-        model=ModelArgs(name="ease", ease_lambda=10.0, version=version),
+        model=ModelArgs(name="ease", ease_lambda=10.0),
     )
 
 
@@ -27,7 +36,7 @@ def registered(tiny_dataset, tmp_lake):
     cfg = _cfg(tmp_lake.uri)
     history = tiny_dataset.csr("train", "valid")
     model = EASE(tiny_dataset.n_users, tiny_dataset.n_items, ease_lambda=10.0).fit(history)
-    record = register(tmp_lake, registry_name(cfg), model, cfg, tiny_dataset, {})
+    record = register(tmp_lake, NAME, model, cfg, tiny_dataset, {})
     return cfg, model, record, history
 
 
@@ -56,7 +65,7 @@ def test_batch_predict_job_matches_in_process(
     assert manifest["k"] == 10 and manifest["users"] == tiny_dataset.n_users
     assert not [n for n in tmp_lake.listdir("predictions") if n.startswith(".")]
 
-    preds = predict.load_predictions(tmp_lake, "latest")
+    preds = load_predictions(tmp_lake, "latest")
     assert len(preds) == tiny_dataset.n_users
     item_idx = {f"i{i}": i for i in range(tiny_dataset.n_items)}
     users = np.arange(tiny_dataset.n_users)
@@ -78,23 +87,19 @@ def test_batch_predict_job_matches_in_process(
         assert not seen & {item_idx[i] for i in items}
         assert all(a >= b for a, b in zip(scores, scores[1:], strict=False))
     # Same model, same k: already published, returned without recomputing (no Ray work).
-    assert predict.run(cfg, k=10) == path
+    assert predict.run(tmp_lake, NAME, None, k=10) == path
     with pytest.raises(LakeError, match="immutable"):
-        predict.run(cfg, k=5)
+        predict.run(tmp_lake, NAME, None, k=5)
 
 
 def test_model_ref_resolution(registered, tmp_lake) -> None:
-    cfg, _, record, _ = registered
-    name = registry_name(cfg)
-    assert predict.resolve_model_ref(tmp_lake, name, None) == record.version
-    promote(tmp_lake, name, record.version, "production", force=True)
-    assert predict.resolve_model_ref(tmp_lake, name, "production") == record.version
-    assert predict.resolve_model_ref(tmp_lake, name, None) == record.version
+    _, _, record, _ = registered
+    assert predict.resolve_model_ref(tmp_lake, NAME, None) == record.version
+    promote(tmp_lake, NAME, record.version, "production", force=True)
+    assert predict.resolve_model_ref(tmp_lake, NAME, "production") == record.version
+    assert predict.resolve_model_ref(tmp_lake, NAME, None) == record.version
 
 
 def test_explicit_missing_alias_is_an_error(registered, tmp_lake) -> None:
-    from app.registry import RegistryError
-
-    cfg, *_ = registered
     with pytest.raises(RegistryError, match="production"):
-        predict.resolve_model_ref(tmp_lake, registry_name(cfg), "production")
+        predict.resolve_model_ref(tmp_lake, NAME, "production")

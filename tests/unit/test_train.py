@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from app import registry
 from app.config import AppConfig, DataArgs, ModelArgs, TrainArgs
 from app.evaluate import evaluate
-from app.model import MatrixFactorization, Popularity
+from app.models import MatrixFactorization, Popularity
+from app.store import aliases, list_versions
 from app.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, VALID_METRIC, TrainOutcome, fit, run
 
 
@@ -15,6 +15,10 @@ def _cfg(lake: str, **train) -> AppConfig:
     model = ModelArgs(name="mf", embed_dim=16, num_negatives=10_000, temperature=0.2)
     base = {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 8, "batch_size": 64, "lr": 0.02}
     return AppConfig(lake=lake, model=model, train=TrainArgs(**{**base, **train}))
+
+
+def _fit(cfg: AppConfig, ds) -> TrainOutcome:
+    return fit(ds, cfg.model, cfg.train, seed=cfg.seed)
 
 
 def _popularity_valid(ds) -> float:
@@ -38,26 +42,26 @@ def _check(outcome: TrainOutcome, ds, epochs: int) -> None:
 
 @pytest.mark.slow
 def test_fit_two_workers_ddp(ray_cluster, tiny_dataset, tmp_path):
-    outcome = fit(_cfg(str(tmp_path / "lake")), tiny_dataset)
+    outcome = _fit(_cfg(str(tmp_path / "lake")), tiny_dataset)
     _check(outcome, tiny_dataset, 8)
     assert outcome.checkpoint_path and os.path.isdir(outcome.checkpoint_path)
 
 
 def test_fit_in_driver_num_workers_0(ray_cluster, tiny_dataset, tmp_path):
-    outcome = fit(_cfg(str(tmp_path / "lake"), num_workers=0, eval_every=2), tiny_dataset)
+    outcome = _fit(_cfg(str(tmp_path / "lake"), num_workers=0, eval_every=2), tiny_dataset)
     _check(outcome, tiny_dataset, 8)
     assert [VALID_METRIC in h for h in outcome.history] == [False, True] * 4
 
 
 @pytest.mark.parametrize("name", ["popularity", "ease"])
 def test_closed_form_fit_needs_no_trainer(tiny_dataset, name):
-    cfg = AppConfig(lake="unused", model=ModelArgs(name=name, ease_lambda=10.0))
-    outcome = fit(cfg, tiny_dataset)
+    model = ModelArgs(name=name, ease_lambda=10.0)
+    outcome = fit(tiny_dataset, model, TrainArgs())
     assert outcome.model.family == name and len(outcome.history) == 1
     assert outcome.checkpoint_path is None
     if name == "ease":
         assert outcome.best_metrics[VALID_METRIC] > _popularity_valid(tiny_dataset) + 0.1
-    refit = fit(cfg.model_copy(update={"train": TrainArgs(refit=True)}), tiny_dataset)
+    refit = fit(tiny_dataset, model, TrainArgs(refit=True))
     assert VALID_METRIC not in refit.last_metrics
 
 
@@ -71,18 +75,18 @@ def test_run_validates_refits_registers_and_promotes(tiny_dataset, refit_final, 
             train=TrainArgs(refit_final=refit_final, promote_to="production"),
         )
 
-    record = run(ease(10.0))
+    record = run(ease(10.0), tiny_dataset)
     assert record.metrics[VALID_METRIC] > _popularity_valid(tiny_dataset) + 0.1
     assert record.metrics["best_epoch"] == 1
     assert record.metrics["fit_on"] == ("train+valid" if refit_final else "train")
     assert record.config["train"]["refit"] is refit_final
     assert [h["epoch"] for h in record.lineage["history"]] == [1]
-    assert registry.aliases(tiny_dataset.lake, "tiny-ease")["production"] == record.version
+    assert aliases(tiny_dataset.lake, "tiny-ease")["production"] == record.version
     # A worse model is registered, but the production gate refuses it: a warning, not an error.
-    worse = run(ease(1e-3))
+    worse = run(ease(1e-3), tiny_dataset)
     assert worse.metrics[VALID_METRIC] < record.metrics[VALID_METRIC]
-    assert registry.list_versions(tiny_dataset.lake, "tiny-ease")[-1] == worse.version
-    assert registry.aliases(tiny_dataset.lake, "tiny-ease")["production"] == record.version
+    assert list_versions(tiny_dataset.lake, "tiny-ease")[-1] == worse.version
+    assert aliases(tiny_dataset.lake, "tiny-ease")["production"] == record.version
     assert "refusing to promote" in caplog.text
 
 
@@ -91,7 +95,7 @@ def test_resume_after_worker_failure(ray_cluster, tiny_dataset, tmp_path, monkey
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "4")
     monkeypatch.setenv(FAIL_MARKER_ENV, str(marker))
-    outcome = fit(_cfg(str(tmp_path / "lake"), max_failures=1), tiny_dataset)
+    outcome = _fit(_cfg(str(tmp_path / "lake"), max_failures=1), tiny_dataset)
     assert marker.exists()  # the run really died once
     _check(outcome, tiny_dataset, 8)
     # One restart from a checkpoint taken before epoch 4 (the controller may not have registered

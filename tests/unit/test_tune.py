@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app import registry, tune
+from app import tune
 from app.config import (
     AppConfig,
     ConfigError,
@@ -24,7 +24,7 @@ from app.config import (
     TuneArgs,
     config_to_yaml,
 )
-from app.lake import Lake
+from app.store import Lake, aliases, get_record
 from app.train import VALID_METRIC
 
 # Everything but the searched keys is fixed: tiny, fast trials (exact softmax on 48 items).
@@ -55,10 +55,10 @@ def _cfg(lake: str, space: dict, num_samples: int = 2, max_epochs: int = 2) -> A
     )
 
 
-def _per_epoch(cfg: AppConfig) -> dict[str, list]:
+def _per_epoch(cfg: AppConfig, ds) -> dict[str, list]:
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(tune.experiment_path(cfg))
+    analysis = ExperimentAnalysis(tune.experiment(cfg, ds).path())
     return {
         trial: list(zip(df["epoch"], df[VALID_METRIC], strict=True))
         for trial, df in analysis.trial_dataframes.items()
@@ -90,9 +90,9 @@ def test_search_space_defaults_overrides_and_errors():
 def test_search_refit_register_promote(ray_cluster, tiny_dataset):
     lake = Lake(tiny_dataset.lake.uri)
     cfg = _cfg(lake.uri, {"train.lr": {"low": 0.01, "high": 0.05, "log": True}})
-    record = tune.run(cfg, searcher="optuna")
+    record = tune.run(cfg, tiny_dataset, searcher="optuna")
 
-    epochs = _per_epoch(cfg)
+    epochs = _per_epoch(cfg, tiny_dataset)
     assert len(epochs) == 2  # two trials, each reported validation NDCG@10 every epoch
     assert all([e for e, _ in rows] == [1, 2] for rows in epochs.values())
     assert all(0.0 <= v <= 1.0 for rows in epochs.values() for _, v in rows)
@@ -109,7 +109,7 @@ def test_search_refit_register_promote(ray_cluster, tiny_dataset):
     assert record.config["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
     assert record.metrics[VALID_METRIC] == pytest.approx(best["best_valid_ndcg"])
     assert record.metrics["fit_on"] == "train+valid" and record.metrics["tune_trials"] == 2
-    assert registry.aliases(lake, "tiny-mf")["staging"] == record.version
+    assert aliases(lake, "tiny-mf")["staging"] == record.version
     assert "done" in tune.format_trials(search["trials"])
 
 
@@ -118,7 +118,7 @@ def test_failing_trial_does_not_sink_the_search(ray_cluster, tiny_dataset):
     # A grid over lr with one invalid value: that trial fails validation, the other one wins.
     cfg = _cfg(tiny_dataset.lake.uri, {"train.lr": {"grid": [0.03, -1.0]}}, num_samples=1)
     cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"max_epochs": 1})})
-    record = tune.run(cfg, searcher="random")
+    record = tune.run(cfg, tiny_dataset, searcher="random")
     trials = record.lineage["tune"]["trials"]
     assert sorted(t["status"] for t in trials) == ["done", "error"]
     failed = next(t for t in trials if t["status"] == "error")
@@ -230,7 +230,7 @@ def test_search_resumes_after_driver_crash(tiny_dataset, tmp_path):
     config = tmp_path / "tune.yaml"
     config.write_text(config_to_yaml(cfg))
     args = ["--config", str(config), f"lake={cfg.lake}"]
-    experiment = tune.experiment_path(cfg)
+    experiment = tune.experiment(cfg, tiny_dataset).path()
 
     # 1. Run the search and SIGKILL its driver once a finished trial is in the synced state.
     first = _Driver(args, tmp_path / "first.log")
@@ -263,7 +263,7 @@ def test_search_resumes_after_driver_crash(tiny_dataset, tmp_path):
     # Finished trials were not rerun: their logged reports are byte for byte those before.
     assert _results(experiment, finished) == results_before
 
-    record = registry.get_record(Lake(cfg.lake), "tiny-mf", "staging")
+    record = get_record(Lake(cfg.lake), "tiny-mf", "staging")
     assert f"registered tiny-mf version {record.version}" in output
     search = record.lineage["tune"]
     assert {t["trial_id"] for t in search["trials"]} == set(after)
@@ -294,7 +294,7 @@ def test_closed_form_trials_fit_in_the_trial_and_win_on_validation(ray_cluster, 
     }
     cfg = _cfg(lake.uri, {}, num_samples=1)
     cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"search_space": space})})
-    record = tune.run(cfg, searcher="random")
+    record = tune.run(cfg, tiny_dataset, searcher="random")
     trials = record.lineage["tune"]["trials"]
     assert len(trials) == 2 and all(t["status"] == "done" and t["epochs_run"] == 1 for t in trials)
     lambdas = {t["params"]["model.edlae_lambda"]: t["best_valid_ndcg"] for t in trials}
@@ -303,4 +303,4 @@ def test_closed_form_trials_fit_in_the_trial_and_win_on_validation(ray_cluster, 
     assert record.config["model"]["name"] == "edlae"
     assert record.config["model"]["edlae_lambda"] == best["params"]["model.edlae_lambda"]
     assert record.config["train"]["refit"] is True
-    assert registry.aliases(lake, "tiny-edlae")["staging"] == record.version
+    assert aliases(lake, "tiny-edlae")["staging"] == record.version

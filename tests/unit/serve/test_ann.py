@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from app.config import ModelArgs
-from app.model import build_model
+from app.models import build_model
 from app.serve.ann import AnnIndex
 from app.serve.retriever import LoadedModel, Query, ScoringOptions, item_matrix, top_k_dot
 

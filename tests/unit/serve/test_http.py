@@ -12,9 +12,8 @@ import pytest
 from fastapi import HTTPException, Response
 from fastapi.responses import JSONResponse
 
-from app.registry import RegistryError
-from app.serve import args as _replica
-from app.serve.http import FastPathAPI, fast_recommend_args
+from app.serve.http import RUNTIME, FastPathAPI, fast_recommend_args
+from app.store import RegistryError
 
 
 def _scope(path: str, query: bytes = b"", method: str = "GET", root: str = "") -> dict[str, Any]:
@@ -99,7 +98,7 @@ def fast_app(monkeypatch: pytest.MonkeyPatch) -> tuple[FastPathAPI, list[str]]:
     async def recommend(user_id: str, k: int | None = None) -> Response:
         return Response(await handler(user_id, k), media_type="application/json")
 
-    monkeypatch.setitem(_replica.RUNTIME, "recommend", handler)
+    monkeypatch.setitem(RUNTIME, "recommend", handler)
     return app, calls
 
 

@@ -7,32 +7,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
+import torch
 
 from app.config import ModelArgs
-from app.model import build_model
-from app.serve.retriever import LoadedModel, Query, ScoringOptions, top_k_dot
+from app.models import Popularity, build_model
+from app.serve.retriever import LoadedModel, Query, ScoringOptions
 
 
 def _record(version: str = "v1") -> Any:
     return SimpleNamespace(version=version)
-
-
-def test_top_k_dot_matches_brute_force_and_excludes() -> None:
-    rng = np.random.default_rng(0)
-    users = rng.normal(size=(3, 8)).astype(np.float32)
-    items = rng.normal(size=(50, 8)).astype(np.float32)
-    exclude = [np.array([0, 1, 2]), np.zeros(0, np.int64), np.arange(48)]
-    idx, vals = top_k_dot(users, items, exclude, k=5)
-    scores = users @ items.T
-    for row, ex in enumerate(exclude):
-        s = scores[row].copy()
-        s[ex] = -np.inf
-        want = np.argsort(-s, kind="stable")[:5]
-        want = want[np.isfinite(s[want])]
-        assert idx[row, : len(want)].tolist() == want.tolist()
-        np.testing.assert_allclose(vals[row, : len(want)], s[want], rtol=1e-5)
-    # Only 2 candidates are left for the last user: the rest of the list is padding.
-    assert idx[2, 2:].tolist() == [-1, -1, -1] and np.isneginf(vals[2, 2:]).all()
 
 
 @pytest.mark.parametrize("mode", ["fp16", "int8"])
@@ -69,37 +53,6 @@ def test_unknown_quantize_mode_is_an_error() -> None:
         LoadedModel(model, _record(), ScoringOptions(quantize="int4"))
 
 
-@pytest.mark.parametrize(("rows", "n", "k"), [(8, 100_000, 10), (3, 20_000, 50), (2, 5_000, 3)])
-def test_chunked_top_k_equals_torch_topk(rows: int, n: int, k: int) -> None:
-    import torch
-
-    from app.serve.retriever import TOPK_CHUNK, top_k_rows
-
-    gen = torch.Generator().manual_seed(n)
-    scores = torch.randn(rows, n, generator=gen)
-    # Worst cases for the chunk bound: all of a row's best scores in one chunk, in the ragged
-    # tail, or excluded (-inf) chunk after chunk.
-    scores[0, 3 * TOPK_CHUNK : 3 * TOPK_CHUNK + 2 * k] += 10.0
-    scores[1, -3:] += 10.0
-    scores[-1, : n // 2] = float("-inf")
-    vals, idx = top_k_rows(scores, k)
-    want_vals, want_idx = torch.topk(scores, k, dim=1, sorted=True)
-    assert torch.equal(vals, want_vals)
-    assert torch.equal(idx, want_idx)
-
-
-def test_chunked_top_k_keeps_the_padding_of_mostly_excluded_rows() -> None:
-    import torch
-
-    from app.serve.retriever import top_k_rows
-
-    scores = torch.full((2, 50_000), float("-inf"))
-    scores[0, [7, 40_000]] = torch.tensor([1.0, 2.0])
-    vals, idx = top_k_rows(scores, 5)
-    assert idx[0, :2].tolist() == [40_000, 7] and vals[0, :2].tolist() == [2.0, 1.0]
-    assert torch.isneginf(vals[0, 2:]).all() and torch.isneginf(vals[1]).all()
-
-
 @pytest.mark.parametrize("mode", ["fp16", "int8"])
 def test_compressed_variant_holds_no_fp32_item_copy_and_finds_similar_items(mode: str) -> None:
     model = build_model(ModelArgs(name="mf", embed_dim=32), n_users=40, n_items=2000, seed=0)
@@ -120,3 +73,50 @@ def test_compressed_variant_holds_no_fp32_item_copy_and_finds_similar_items(mode
     cos = v @ v[17] / (np.linalg.norm(v, axis=1) * np.linalg.norm(v[17]))
     cos[17] = -np.inf
     np.testing.assert_array_equal(full.similar(17, 10).items, np.argsort(-cos)[:10])
+
+
+def _tied_mf(n_items: int = 3000):
+    """MF whose users and items hold small integers: exact scores with many ties.
+
+    Column 0 is 127 on every item, so an int8 table stores the same integers (row scale 1).
+    """
+    rng = np.random.default_rng(4)
+    model = build_model(ModelArgs(name="mf", embed_dim=4), n_users=6, n_items=n_items, seed=0)
+    items = rng.integers(-2, 3, size=(n_items, 4)).astype(np.float32)
+    items[:, 0] = 127.0
+    users = rng.integers(-1, 2, size=(6, 4)).astype(np.float32)
+    users[:, 0] = 1.0
+    with torch.no_grad():
+        model.module.item_emb.weight.copy_(torch.from_numpy(items))
+        model.module.user_emb.weight.copy_(torch.from_numpy(users))
+    return model, users @ items.T
+
+
+def _expected(scores: np.ndarray, exclude: np.ndarray, k: int) -> list[int]:
+    s = scores.astype(np.float64).copy()
+    s[exclude] = -np.inf
+    order = np.lexsort((np.arange(len(s)), -s))[:k]
+    return [int(i) for i in order if np.isfinite(s[i])]
+
+
+@pytest.mark.parametrize("quantize", ["none", "fp16", "int8"])
+def test_served_lists_break_ties_by_the_lower_item_index(quantize: str) -> None:
+    model, scores = _tied_mf()
+    loaded = LoadedModel(model, _record(), ScoringOptions(quantize=quantize))
+    rng = np.random.default_rng(2)
+    queries = []
+    for u in range(6):
+        seen = np.sort(rng.choice(3000, 40, replace=False))
+        queries.append(Query("v1", u, seen, np.zeros(0, np.int64), seen, 25))
+    for q, cand in zip(queries, loaded.score(queries), strict=True):
+        assert cand.items.tolist() == _expected(scores[q.user_idx], q.exclude, 25)
+
+
+def test_models_without_embeddings_break_ties_by_the_lower_item_index() -> None:
+    counts = np.array([3, 5, 5, 2, 5, 5, 0, 2])
+    x = sp.csr_matrix((np.arange(6)[:, None] < counts[None, :]).astype(np.float32))
+    loaded = LoadedModel(Popularity(6, 8).fit(x), _record())
+    assert not loaded.embedded
+    q = Query("v1", 0, np.array([1]), np.zeros(0, np.int64), np.array([1]), 5)
+    (cand,) = loaded.score([q])
+    assert cand.items.tolist() == [2, 4, 5, 0, 3]  # the 5s, then 3, then the first of the 2s

@@ -1,9 +1,9 @@
 """The lake: local folders or ``s3://`` URIs, atomic writes and immutable versioned folders.
 
 Every stage reads and writes through ``Lake``. A versioned folder (a dataset version, a model
-version) becomes visible only when its ``manifest.json`` exists, and the manifest is written last
-with a single atomic put (S3) or rename (local disk), so a crash never leaves a half-written version
-that readers can see.
+version, a model's predictions) becomes visible only when its ``manifest.json`` exists, and
+``Lake.publish`` writes that manifest last with a single atomic put (S3) or rename (local disk),
+so a crash never leaves a half-written version that readers can see.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +22,9 @@ import fsspec
 import pyarrow.fs as pafs
 
 MANIFEST = "manifest.json"
+
+WriteFiles = Callable[[str], Mapping[str, Any] | None]
+"""Writes a version's files into a scheme-less staging folder; may return manifest entries."""
 
 
 class LakeError(RuntimeError):
@@ -72,15 +75,34 @@ def content_id(payload: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a local file, read in blocks so large files never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """Pretty JSON with sorted keys, so stored files diff stably."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
 class Lake:
     """A lake rooted at a local folder or an ``s3://bucket/prefix`` URI.
 
     Relative paths use ``/``. ``lake.path(rel)`` is a scheme-less path for the filesystem objects
-    (``lake.fs`` for fsspec, ``lake.arrow_fs`` for pyarrow / Ray Data).
+    (``lake.fs`` for fsspec, ``lake.arrow_fs`` for pyarrow / Ray Data). A ``Lake`` pickles as its
+    URI, so it crosses Ray boundaries as itself and rebuilds its filesystem where it lands.
     """
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri.rstrip("/") or "/"
+    uri: str
+    """The lake's URI or local path, without a trailing ``/``."""
+
+    def __init__(self, uri: str | os.PathLike[str] | Lake) -> None:
+        raw = uri.uri if isinstance(uri, Lake) else os.fspath(uri)
+        self.uri = raw.rstrip("/") or "/"
         self.fs, self.root = filesystem_for(self.uri)
         self.is_local = "file" in (
             self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
@@ -88,6 +110,15 @@ class Lake:
 
     def __repr__(self) -> str:
         return f"Lake({self.uri!r})"
+
+    def __reduce__(self) -> tuple[type[Lake], tuple[str]]:
+        return (Lake, (self.uri,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lake) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
 
     @property
     def arrow_fs(self) -> pafs.FileSystem:
@@ -145,7 +176,7 @@ class Lake:
 
     def write_json(self, rel: str, obj: Any) -> None:
         """Write a JSON file atomically (pretty, sorted keys for stable diffs)."""
-        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        self.write_bytes(rel, _json_bytes(obj))
 
     def append_line(self, rel: str, line: str) -> None:
         """Append one line to a log file (read-modify-write on S3; callers serialise writers)."""
@@ -160,7 +191,7 @@ class Lake:
 
     @contextmanager
     def staging(self, rel: str) -> Iterator[str]:
-        """Build a versioned folder and publish it atomically.
+        """Build a versioned folder and publish it atomically (``publish`` is the usual entry).
 
         Yields a scheme-less staging path to write into; on success the folder is moved to
         ``rel`` (one rename on local disk) and its ``manifest.json`` must exist by then. On S3 the
@@ -196,6 +227,39 @@ class Lake:
                     self.remove(rel)
                 raise
 
+    def is_published(self, rel: str) -> bool:
+        """Whether the versioned folder ``rel`` is published (its manifest exists)."""
+        return self.exists(posixpath.join(rel, MANIFEST))
+
+    def publish(self, rel: str, write: WriteFiles, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Publish the versioned folder ``rel``: files first, ``manifest.json`` last.
+
+        A version id is a content id, so when ``rel`` is already published the same content is
+        there: nothing is written and the stored manifest is returned.
+
+        Args:
+            rel: Lake-relative folder of the version, e.g. ``datasets/<name>/<version>``.
+            write: Called with a scheme-less staging folder; writes the version's files there
+                (through ``lake.fs`` or ``lake.arrow_fs``). A mapping it returns is merged into the
+                manifest (facts known only after writing, such as row counts).
+            manifest: The manifest; ``created_at`` defaults to now (``versions`` sorts by it).
+
+        Returns:
+            The published manifest.
+
+        Raises:
+            Whatever ``write`` raises; the staging folder is removed and nothing becomes visible.
+        """
+        if not self.is_published(rel):
+            with self.staging(rel) as stage:
+                extra = write(stage)
+                final = {"created_at": utc_now(), **manifest, **(extra or {})}
+                # Written last: on S3 this single PUT publishes the folder.
+                self.fs.pipe_file(posixpath.join(stage, MANIFEST), _json_bytes(final))
+        # Read back: a concurrent run with the same content id may have published first.
+        published: dict[str, Any] = self.read_json(posixpath.join(rel, MANIFEST))
+        return published
+
     def versions(self, rel: str) -> list[str]:
         """Published versions under ``rel`` (those with a manifest), oldest first."""
         found = []
@@ -207,8 +271,12 @@ class Lake:
                 found.append((self.read_json(manifest).get("created_at", ""), name))
         return [name for _, name in sorted(found)]
 
-    def resolve_version(self, rel: str, version: str = "latest") -> str:
-        """Turn ``latest`` or a version id (or unique prefix) into a published version id."""
+    def resolve_version(self, rel: str, version: str | None = "latest") -> str:
+        """Turn ``latest`` or a version id (or unique prefix) into a published version id.
+
+        Raises:
+            LakeError: when nothing is published, or ``version`` matches none or several.
+        """
         versions = self.versions(rel)
         if not versions:
             raise LakeError(
@@ -217,11 +285,17 @@ class Lake:
         if version in ("latest", "", None):
             return versions[-1]
         matches = [v for v in versions if v == version] or [
-            v for v in versions if v.startswith(version)
+            v for v in versions if v.startswith(str(version))
         ]
         if len(matches) != 1:
+            problem = f"ambiguous (matches {', '.join(matches)})" if matches else "not found"
             raise LakeError(
-                f"version {version!r} under {self.full_uri(rel)}: "
-                f"{'ambiguous' if matches else 'not found'}; available: {', '.join(versions)}"
+                f"version {version!r} under {self.full_uri(rel)}: {problem}; "
+                f"versions: {', '.join(versions)}"
             )
         return matches[0]
+
+
+def as_lake(lake: Lake | str | os.PathLike[str]) -> Lake:
+    """``lake`` itself when it is a ``Lake``, else the lake at that URI or path."""
+    return lake if isinstance(lake, Lake) else Lake(lake)

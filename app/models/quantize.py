@@ -1,8 +1,8 @@
-"""Compression stage: int8 and fp16 quantisation of embedding tables and of a served model.
+"""int8 and fp16 quantisation of embedding tables and of a served model.
 
 Serving picks the variant with ``serve.quantize: none|fp16|int8`` and calls
-``quantize(model, cfg.serve.quantize)``; ``python -m bench.compress`` measures size, retrieval
-latency and NDCG@10 of each variant (results: docs/performance.md).
+``quantize(model, mode)``; ``python -m bench.compress`` measures size, retrieval latency and
+NDCG@10 of each variant.
 
 - ``int8``: every 2-D float tensor is stored as int8 with one symmetric scale per row
   (``x ≈ q * scale``, ``scale = max|row| / 127``, kept as float16): one byte per value plus
@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from app.model import Recommender, build_model, load_model
+from app.config import ModelArgs
+from app.models.base import Recommender, item_columns
+from app.models.factory import build_model, restore_model
+from app.models.topk import TopK, rank_candidates, top_k
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "fp16", "int8")
+QUANTIZE_MODES = ("none", "fp16", "int8")
 _MODE_CODE = {"none": 0, "fp16": 1, "int8": 2}
 _MODE_KEY = "_quantize_mode"
 _Q = ".q"
@@ -43,8 +47,10 @@ class CompressError(ValueError):
 
 
 def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise CompressError(f"unknown quantize mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode not in QUANTIZE_MODES:
+        raise CompressError(
+            f"unknown quantize mode {mode!r}; expected one of {', '.join(QUANTIZE_MODES)}"
+        )
     return mode
 
 
@@ -138,7 +144,7 @@ class EmbeddingTable:
 
     @classmethod
     def from_float(cls, x: np.ndarray | torch.Tensor, mode: str, **kw: Any) -> EmbeddingTable:
-        """Quantise an fp32 table (``mode`` one of ``MODES``)."""
+        """Quantise an fp32 table (``mode`` one of ``QUANTIZE_MODES``)."""
         parts = quantize_rows(x, mode)
         return cls(parts["q"], parts.get("scale"), **kw)
 
@@ -209,11 +215,12 @@ class EmbeddingTable:
         k: int,
         exclude: sp.csr_matrix | None = None,
         oversample: int = 4,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> TopK:
         """Top-``k`` rows by inner product for each query, best first.
 
-        Ties go to the lower row index, like ``app.evaluate.top_k``. Excluded rows are never
-        returned; slots without a candidate hold index ``-1`` and score ``-inf``.
+        Ranked by ``app.models.topk``'s rule (ties to the lower row index), block by block.
+        Excluded rows are never returned; slots without a candidate hold index ``-1`` and
+        score ``-inf``.
 
         Args:
             queries: ``(b, dim)`` query vectors.
@@ -229,47 +236,28 @@ class EmbeddingTable:
             raise ValueError(f"k must be >= 1, got {k}")
         u = _as_tensor(queries)
         b, n = len(u), self.shape[0]
-        kk = min(k, n)
-        keep = kk if self.mode != "int8" else min(n, max(kk, oversample * k + 16))
-        rows = cols = None
+        exact = self.mode != "int8"
+        keep = min(k, n) if exact else min(n, max(k, oversample * k + 16))
+        ex = None
         if exclude is not None:
             ex = sp.csr_matrix(exclude)
             if ex.shape != (b, n):
                 raise ValueError(f"exclude has shape {ex.shape}, expected {(b, n)}")
-            ex.eliminate_zeros()
-            rows = np.repeat(np.arange(b), np.diff(ex.indptr))
-            cols = ex.indices.astype(np.int64)
-        best_s = torch.full((b, 0), float("-inf"))
-        best_i = torch.zeros((b, 0), dtype=torch.int64)
+        parts_i, parts_s = [], []
         with torch.no_grad():
             for start in range(0, n, self.block_rows):
                 stop = min(start + self.block_rows, n)
-                s = self._block_scores(u, start, stop, exact=self.mode != "int8")
-                if rows is not None and cols is not None:
-                    m = (cols >= start) & (cols < stop)
-                    s[torch.from_numpy(rows[m]), torch.from_numpy(cols[m] - start)] = float("-inf")
-                s = torch.nan_to_num(s, nan=torch.finfo(torch.float32).min)
-                top_s, top_i = torch.topk(s, min(keep, stop - start), dim=1)
-                best_s = torch.cat([best_s, top_s], 1)
-                best_i = torch.cat([best_i, top_i + start], 1)
-            if best_s.shape[1] > keep:
-                best_s, pos = torch.topk(best_s, keep, dim=1)
-                best_i = torch.gather(best_i, 1, pos)
-            if self.mode == "int8":
-                excluded = torch.isneginf(best_s)
-                best_s = self._rescore(u, best_i).masked_fill(excluded, float("-inf"))
-        idx = best_i.numpy()
-        vals = best_s.numpy().astype(np.float32)
-        # Score descending, then index ascending (the protocol's tie rule).
-        order = np.lexsort((idx, -vals.astype(np.float64)), axis=1)[:, :kk]
-        idx = np.take_along_axis(idx, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        idx = np.where(np.isneginf(vals), -1, idx)
-        out_i = np.full((b, k), -1, dtype=np.int64)
-        out_s = np.full((b, k), -np.inf, dtype=np.float32)
-        out_i[:, :kk] = idx
-        out_s[:, :kk] = vals
-        return out_i, out_s
+                s = self._block_scores(u, start, stop, exact=exact)
+                block = top_k(s, None if ex is None else ex[:, start:stop], keep, overwrite=True)
+                parts_i.append(np.where(block.indices >= 0, block.indices + start, -1))
+                parts_s.append(block.scores)
+            cand_i, cand_s = np.hstack(parts_i), np.hstack(parts_s)
+            if exact:
+                return rank_candidates(cand_i, cand_s, k)
+            # The shortlist comes from approximate scores: rank it by its exact fp32 scores.
+            short = rank_candidates(cand_i, cand_s, keep).indices
+            rescored = self._rescore(u, torch.from_numpy(np.maximum(short, 0))).numpy()
+            return rank_candidates(short, rescored, k)
 
 
 def _compress_state(state: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
@@ -332,7 +320,7 @@ class QuantizedRecommender(Recommender):
 
     def _set_state(self, compressed: dict[str, torch.Tensor]) -> None:
         self._state = compressed
-        self.base = load_model(
+        self.base = restore_model(
             self.base_family,
             self.n_users,
             self.n_items,
@@ -343,28 +331,28 @@ class QuantizedRecommender(Recommender):
         assert items is not None
         self.table = EmbeddingTable.from_float(items, self.mode)
 
+    def fit(self, train: sp.csr_matrix, **options: Any) -> QuantizedRecommender:
+        """Fit the wrapped fp32 model (from its current weights), then compress it again."""
+        self.base.fit(train, **options)
+        self._base_hparams = self.base.hparams()
+        self._set_state(_compress_state(self.base.state_dict(), self.mode))
+        return self
+
     def score(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:  # noqa: D102
         return self.table.scores(self.user_embeddings(users, history))
 
     def search(
         self, users: np.ndarray, history: sp.csr_matrix, k: int, exclude_history: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> TopK:
         """Top-``k`` item indices and scores per user, best first (history excluded by default)."""
         u = self.user_embeddings(users, history)
-        exclude = None
-        if exclude_history:
-            exclude = sp.csr_matrix(history)[:, : self.n_items]
-            if exclude.shape[1] < self.n_items:
-                exclude = sp.hstack(
-                    [exclude, sp.csr_matrix((exclude.shape[0], self.n_items - exclude.shape[1]))],
-                    format="csr",
-                )
+        exclude = item_columns(history, self.n_items) if exclude_history else None
         return self.table.search(u, k, exclude)
 
     def item_embeddings(self) -> np.ndarray:  # noqa: D102
         return self.table.dequantize()
 
-    def user_embeddings(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray | None:  # noqa: D102
+    def user_embeddings(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:  # noqa: D102
         u = self.base.user_embeddings(users, history)
         assert u is not None
         return u
@@ -408,15 +396,15 @@ def quantize(model: Recommender, mode: str) -> Recommender:
     return QuantizedRecommender(model, mode)
 
 
-def quantized_builder(mode: str) -> Any:
-    """A ``registry.load_model`` builder for versions registered as ``QuantizedRecommender``.
+def quantized_builder(mode: str) -> Callable[..., Recommender]:
+    """A registry ``load_model`` builder for versions registered as ``QuantizedRecommender``.
 
     ``load_model(lake, name, ref, builder=quantized_builder("int8"))`` builds the fp32 model the
     config describes, wraps it, and the registry then loads the stored compressed state into it.
     """
     mode = _check_mode(mode)
 
-    def build(args: Any, n_users: int, n_items: int, **kw: Any) -> Recommender:
+    def build(args: ModelArgs, n_users: int, n_items: int, **kw: Any) -> Recommender:
         return QuantizedRecommender(build_model(args, n_users, n_items, **kw), mode)
 
     return build

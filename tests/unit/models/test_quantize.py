@@ -9,20 +9,24 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from app.compress import (
-    MODES,
+from app.config import AppConfig, ModelArgs
+from app.evaluate import evaluate
+from app.models import (
+    EASE,
+    QUANTIZE_MODES,
     CompressError,
     EmbeddingTable,
+    MatrixFactorization,
+    Popularity,
     QuantizedRecommender,
+    build_model,
     dequantize_rows,
     quantize,
     quantize_rows,
     quantized_builder,
+    top_k,
 )
-from app.config import AppConfig, ModelArgs
-from app.evaluate import evaluate, top_k
-from app.model import EASE, MatrixFactorization, Popularity, build_model
-from app.registry import load_model, register
+from app.store import load_model, register
 
 
 def _random(n: int = 5000, d: int = 64, seed: int = 0) -> np.ndarray:
@@ -44,7 +48,7 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_size_ratios() -> None:
     x = _random(4096, 64)
-    sizes = {m: EmbeddingTable.from_float(x, m).nbytes() for m in MODES}
+    sizes = {m: EmbeddingTable.from_float(x, m).nbytes() for m in QUANTIZE_MODES}
     assert sizes["none"] == x.nbytes
     assert sizes["none"] / sizes["fp16"] == pytest.approx(2.0)
     # int8 values + one fp16 scale per row: 4 * 64 / (64 + 2) = 3.88x.
@@ -75,7 +79,7 @@ def test_top10_overlap_with_full_precision(table: str, mode: str) -> None:
     queries = rng.standard_normal((64, x.shape[1]), dtype=np.float32)
     if table == "trained_like":
         queries = x[rng.integers(len(x), size=64)] + 0.1 * queries
-    exact = top_k(queries @ x.T, None, 10)
+    exact = top_k(queries @ x.T, None, 10).indices
     idx, scores = EmbeddingTable.from_float(x, mode, block_rows=1500).search(queries, 10)
     overlap = _overlap(idx, exact)
     assert overlap >= (0.99 if mode == "fp16" else 0.95), overlap
@@ -87,11 +91,11 @@ def test_search_matches_top_k_with_exclusions() -> None:
     rng = np.random.default_rng(3)
     queries = rng.standard_normal((20, 32), dtype=np.float32)
     exclude = sp.random(20, 1500, density=0.05, format="csr", random_state=3)
-    for mode in MODES:
+    for mode in QUANTIZE_MODES:
         table = EmbeddingTable.from_float(x, mode, block_rows=600)
         idx, scores = table.search(queries, 10, exclude)
         full = table.scores(queries)
-        expected = top_k(full, exclude, 10)
+        expected = top_k(full, exclude, 10).indices
         # Same lists up to float rounding between kernels (near-ties may swap).
         assert _overlap(idx, expected) >= 0.99
         expected_scores = np.take_along_axis(full, expected, axis=1)
@@ -133,7 +137,7 @@ def test_quantized_model_state_dict_round_trip(mode: str) -> None:
     assert ratio >= (1.9 if mode == "fp16" else 3.5), ratio
     # Retrieval through the model agrees with exact full-precision ranking.
     idx, _ = q.search(users, hist, 10)
-    assert _overlap(idx, top_k(base.score(users, hist), hist, 10)) >= 0.95
+    assert _overlap(idx, top_k(base.score(users, hist), hist, 10).indices) >= 0.95
     with pytest.raises(CompressError, match="quantised as"):
         other = "fp16" if mode == "int8" else "int8"
         QuantizedRecommender(_mf(), other).load_state_dict(loaded)
@@ -174,3 +178,21 @@ def test_quantized_ndcg_close_and_registry_round_trip(tiny_dataset, tmp_lake) ->
         assert record.lineage["family"] == "quantized"
         loaded, _ = load_model(tmp_lake, f"tiny-mf-{mode}", "latest", quantized_builder(mode))
         np.testing.assert_array_equal(loaded.score(all_users, train), q.score(all_users, train))
+
+
+def test_fit_trains_the_fp32_model_and_compresses_it_again(tiny_dataset) -> None:
+    train = tiny_dataset.csr("train")
+    base = MatrixFactorization(tiny_dataset.n_users, tiny_dataset.n_items, embed_dim=8, seed=0)
+    q = QuantizedRecommender(base, "int8")
+    before = q.state_dict()["item_emb.weight.q"].clone()
+    assert q.fit(train, epochs=2, batch_size=64, lr=0.05) is q
+    after = q.state_dict()
+    assert after["item_emb.weight.q"].dtype == torch.int8
+    assert not torch.equal(after["item_emb.weight.q"], before)
+    users = np.arange(5)
+    np.testing.assert_allclose(
+        q.score(users, train[users]),
+        q.base.score(users, train[users]),
+        rtol=0.05,
+        atol=0.05,
+    )

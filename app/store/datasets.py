@@ -1,6 +1,6 @@
-"""Reading published dataset versions: splits, id maps, item features, interaction matrices.
+"""Published dataset versions: splits, id maps, item features, interaction matrices.
 
-Layout of ``<lake>/datasets/<name>/<version>/`` (written by ``app.data.run``):
+Layout of ``<lake>/datasets/<name>/<version>/`` (written by the ingest pipeline):
 
 - ``train/``, ``valid/``, ``test/``: Parquet with ``user_idx`` (int32), ``item_idx`` (int32),
   ``timestamp`` (int64, Unix seconds) and ``weight`` (float32)
@@ -14,7 +14,6 @@ tests and benchmarks).
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from app.lake import MANIFEST, Lake, utc_now
+from app.store.lake import MANIFEST, Lake, as_lake
 
 if TYPE_CHECKING:
     import ray.data
@@ -57,13 +56,20 @@ def datasets_root(name: str) -> str:
 
 @dataclass
 class DatasetVersion:
-    """One published, immutable dataset version."""
+    """One published, immutable dataset version.
+
+    Tables read from it are cached on the instance; a pickled copy carries only the lake, name,
+    version and manifest (so it is cheap to send to Ray tasks) and reads again where it lands.
+    """
 
     lake: Lake
     name: str
     version: str
     manifest: dict[str, Any]
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[type[DatasetVersion], tuple[Any, ...]]:
+        return (DatasetVersion, (self.lake, self.name, self.version, self.manifest))
 
     @property
     def rel(self) -> str:
@@ -113,6 +119,18 @@ class DatasetVersion:
         """The item id map with side features (``item_idx``, ``item_id``, ``genres``)."""
         return self._read_small("items.parquet")
 
+    def item_genres(self) -> list[list[str]] | None:
+        """Genres of every item, indexed by ``item_idx``; None when the items carry no genres."""
+        items = self.items()
+        if GENRES not in items.column_names:
+            return None
+        by_idx: list[list[str]] = [[] for _ in range(self.n_items)]
+        for idx, genres in zip(
+            items.column(ITEM_IDX).to_pylist(), items.column(GENRES).to_pylist(), strict=True
+        ):
+            by_idx[int(idx)] = list(genres or [])
+        return by_idx
+
     def _read_small(self, fname: str) -> pa.Table:
         if fname not in self._cache:
             path = self.lake.path(self.rel, fname)
@@ -139,11 +157,16 @@ class DatasetVersion:
 
 def load_dataset(lake: Lake | str, name: str, version: str = "latest") -> DatasetVersion:
     """Open a published dataset version (``latest``, a version id, or a unique prefix)."""
-    lake = Lake(lake) if isinstance(lake, str) else lake
+    lake = as_lake(lake)
     root = datasets_root(name)
     resolved = lake.resolve_version(root, version)
     manifest = lake.read_json(posixpath.join(root, resolved, MANIFEST))
     return DatasetVersion(lake=lake, name=name, version=resolved, manifest=manifest)
+
+
+def list_datasets(lake: Lake | str, name: str) -> list[str]:
+    """Published versions of a dataset, oldest first."""
+    return as_lake(lake).versions(datasets_root(name))
 
 
 Interactions: TypeAlias = pa.Table | Mapping[str, Any] | sp.spmatrix | sp.sparray
@@ -183,8 +206,7 @@ def write_dataset(
 ) -> DatasetVersion:
     """Publish a dataset version from in-memory splits (synthetic data for tests and benchmarks).
 
-    Writes the layout ``app.data.run`` produces and publishes it atomically through
-    ``Lake.staging``, manifest last.
+    Writes the layout the ingest pipeline produces and publishes it with ``Lake.publish``.
 
     Args:
         lake: The lake (or its URI) to write to.
@@ -200,7 +222,7 @@ def write_dataset(
     Returns:
         The published version, as ``load_dataset`` opens it.
     """
-    lake = Lake(lake) if isinstance(lake, str) else lake
+    lake = as_lake(lake)
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
@@ -228,26 +250,20 @@ def write_dataset(
     manifest = {
         "name": name,
         "version": version,
-        "created_at": utc_now(),
         "n_users": n_users,
         "n_items": n_items,
         "n_interactions": sum(counts.values()),
         "splits": counts,
         **manifest_extra,
     }
-    arrow_fs = lake.arrow_fs
-    with lake.staging(posixpath.join(datasets_root(name), version)) as out:
+
+    def write(out: str) -> None:
+        arrow_fs = lake.arrow_fs
         for split, table in tables.items():
             lake.fs.makedirs(posixpath.join(out, split), exist_ok=True)
             pq.write_table(table, posixpath.join(out, split, "part-0.parquet"), filesystem=arrow_fs)
         pq.write_table(users, posixpath.join(out, "users.parquet"), filesystem=arrow_fs)
         pq.write_table(items, posixpath.join(out, "items.parquet"), filesystem=arrow_fs)
-        with arrow_fs.open_output_stream(posixpath.join(out, MANIFEST)) as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+
+    lake.publish(posixpath.join(datasets_root(name), version), write, manifest)
     return load_dataset(lake, name, version)
-
-
-def list_datasets(lake: Lake | str, name: str) -> list[str]:
-    """Published versions of a dataset, oldest first."""
-    lake = Lake(lake) if isinstance(lake, str) else lake
-    return lake.versions(datasets_root(name))

@@ -30,15 +30,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import yaml
 
 from app.config import AppConfig, ModelArgs, config_to_yaml
-from app.lake import MANIFEST, Lake, LakeError, content_id
+from app.store.datasets import DatasetVersion, load_dataset
+from app.store.lake import MANIFEST, Lake, LakeError, content_id
 
 if TYPE_CHECKING:
-    from app.dataset import DatasetVersion
-    from app.model import Recommender
+    # torch is imported where weights are handled: ingest workers import app.store without it.
+    import torch
+
+    from app.models import Recommender
 
 WEIGHTS = "weights.pt"
 CONFIG = "config.yaml"
@@ -77,9 +79,9 @@ class ModelRecord:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def registry_name(cfg: AppConfig) -> str:
-    """Registry name of a config's model family on its dataset, e.g. ``ml-latest-small-mf``."""
-    return f"{cfg.data.name}-{cfg.model.name}"
+def registry_name(dataset: str, model: str) -> str:
+    """Registry name of model family ``model`` on dataset ``dataset``: ``ml-latest-small-mf``."""
+    return f"{dataset}-{model}"
 
 
 def models_root(name: str) -> str:
@@ -95,6 +97,8 @@ def _version_rel(name: str, version: str) -> str:
 
 def _state_hash(state: dict[str, torch.Tensor]) -> str:
     """Hash of the tensors' names, dtypes, shapes and values (independent of torch.save bytes)."""
+    import torch
+
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
@@ -106,23 +110,15 @@ def _state_hash(state: dict[str, torch.Tensor]) -> str:
 @functools.lru_cache(maxsize=1)
 def _code_version() -> dict[str, str | None]:
     """Git commit of the checkout (if any) and a hash of the ``app/`` sources."""
-    app_dir = Path(__file__).resolve().parent
+    app_dir = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for path in sorted(app_dir.rglob("*.py")):
         h.update(path.relative_to(app_dir).as_posix().encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
-    commit: str | None = None
+    git = ["git", "-C", str(app_dir.parent), "rev-parse", "HEAD"]
     try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=app_dir.parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if proc.returncode == 0:
-            commit = proc.stdout.strip() or None
+        proc = subprocess.run(git, capture_output=True, text=True, timeout=5, check=False)
+        commit = (proc.stdout.strip() or None) if proc.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"git_commit": commit, "sources_sha256": h.hexdigest()}
@@ -138,46 +134,37 @@ def aliases(lake: Lake, name: str) -> dict[str, str]:
     rel = posixpath.join(models_root(name), ALIASES_FILE)
     if not lake.exists(rel):
         return {}
-    data = lake.read_json(rel)
-    return {str(k): str(v) for k, v in data.items()}
+    return {str(k): str(v) for k, v in lake.read_json(rel).items()}
 
 
-def resolve(lake: Lake, name: str, ref: str) -> str:
+def resolve(lake: Lake, name: str, ref: str | None) -> str:
     """Turn a version id, unique prefix, ``latest`` or alias into a published version id.
+
+    Aliases are looked up here; everything else is ``Lake.resolve_version``.
 
     Raises:
         RegistryError: listing the published versions and aliases.
     """
-    versions = list_versions(lake, name)
-    current = aliases(lake, name)
-    where = lake.full_uri(models_root(name))
-    if not versions:
-        raise RegistryError(
-            f"model {name!r} has no published versions under {where}: train and register one first"
-        )
+    root = models_root(name)
     ref = (ref or "latest").strip()
-    if ref in ALIASES or ref in current:
-        if ref not in current:
-            raise RegistryError(
-                f"alias {ref!r} of model {name!r} is not set; promote a version first "
-                f"(aliases: {current or 'none'}; versions: {', '.join(versions)})"
-            )
-        if current[ref] not in versions:
-            raise RegistryError(
-                f"alias {ref!r} of model {name!r} points at {current[ref]!r}, which is not "
-                f"published under {where}"
-            )
-        return current[ref]
-    if ref == "latest":
-        return versions[-1]
-    matches = [v for v in versions if v == ref] or [v for v in versions if v.startswith(ref)]
-    if len(matches) != 1:
-        problem = f"ambiguous (matches {', '.join(matches)})" if matches else "not found"
+    current = aliases(lake, name)
+    if ref not in ALIASES and ref not in current:
+        try:
+            return lake.resolve_version(root, ref)
+        except LakeError as err:
+            raise RegistryError(f"model {name!r}: {err}; aliases: {current or 'none'}") from None
+    if ref not in current:
+        versions = ", ".join(list_versions(lake, name)) or "none"
         raise RegistryError(
-            f"model {name!r} version {ref!r} {problem} under {where}; "
-            f"versions: {', '.join(versions)}; aliases: {current or 'none'}; or use 'latest'"
+            f"alias {ref!r} of model {name!r} is not set; promote a version first "
+            f"(aliases: {current or 'none'}; versions: {versions})"
         )
-    return matches[0]
+    if not lake.is_published(_version_rel(name, current[ref])):
+        raise RegistryError(
+            f"alias {ref!r} of model {name!r} points at {current[ref]!r}, which is not "
+            f"published under {lake.full_uri(root)}"
+        )
+    return current[ref]
 
 
 def _read_record(lake: Lake, name: str, version: str) -> ModelRecord:
@@ -200,12 +187,7 @@ def get_record(lake: Lake, name: str, ref: str = "latest") -> ModelRecord:
 
 
 def _json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        out[str(key)] = value
-    return out
+    return {str(k): v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()}
 
 
 def register(
@@ -228,35 +210,35 @@ def register(
         metrics: Initial metrics (``valid_ndcg@10`` feeds the promotion gate).
         lineage_extra: Extra lineage, e.g. ``{"parent_run": ..., "checkpoint": ...}``.
     """
+    import torch
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights_hash = _state_hash(state)
-    cfg_dict = cfg.model_dump(mode="json")
+    family = getattr(model, "family", type(model).__name__)
     digest = content_id(
         {
             "weights": weights_hash,
-            "config": cfg_dict,
+            "config": cfg.model_dump(mode="json"),
             "dataset": [dataset.name, dataset.version],
-            "family": getattr(model, "family", type(model).__name__),
+            "family": family,
         },
         length=8,
     )
-    root = models_root(name)
+    # The version id starts with a timestamp, so identical content is found by its hash.
     for existing in list_versions(lake, name):
         if existing.endswith(f"-{digest}"):
             return _read_record(lake, name, existing)
 
     now = dt.datetime.now(dt.timezone.utc)
     version = f"{now.strftime('%Y%m%dT%H%M%S')}-{digest}"
-    # Microseconds order versions registered within the same second (``Lake.versions`` sorts
-    # by ``created_at``).
+    # Microseconds: versions registered within one second still sort by ``created_at``.
     created_at = now.isoformat(timespec="microseconds")
     buf = io.BytesIO()
     torch.save(state, buf)
-    weights = buf.getvalue()
     lineage = {
         "model": name,
         "version": version,
-        "family": getattr(model, "family", type(model).__name__),
+        "family": family,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "n_users": int(model.n_users),
         "n_items": int(model.n_items),
@@ -275,7 +257,7 @@ def register(
         **(lineage_extra or {}),
     }
     files = {
-        WEIGHTS: weights,
+        WEIGHTS: buf.getvalue(),
         CONFIG: config_to_yaml(cfg).encode(),
         METRICS: json.dumps(_json_metrics(metrics), indent=2, sort_keys=True).encode(),
         LINEAGE: json.dumps(lineage, indent=2, sort_keys=True, default=str).encode(),
@@ -292,31 +274,28 @@ def register(
             if fname != METRICS  # metrics.json stays mutable
         },
     }
-    with lake.staging(posixpath.join(root, version)) as stage:
+
+    def write(stage: str) -> None:
         for fname, data in files.items():
             lake.fs.pipe_file(posixpath.join(stage, fname), data)
-        # Written last: on S3 this single PUT publishes the version.
-        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        lake.fs.pipe_file(posixpath.join(stage, MANIFEST), manifest_bytes)
+
+    lake.publish(_version_rel(name, version), write, manifest)
     return _read_record(lake, name, version)
 
 
-def _item_genres(lake: Lake, lineage: dict[str, Any]) -> list[list[str]] | None:
+def _lineage_genres(lake: Lake, lineage: dict[str, Any]) -> list[list[str]] | None:
     """Item genres of the lineage's dataset version, or None if it is not readable."""
-    from app.dataset import GENRES, load_dataset
-
     info = lineage.get("dataset") or {}
     try:
-        items = load_dataset(lake, info["name"], info["version"]).items()
+        return load_dataset(lake, info["name"], info["version"]).item_genres()
     except (LakeError, KeyError, FileNotFoundError, OSError):
         return None
-    if GENRES not in items.column_names:
-        return None
-    return [list(g or []) for g in items.column(GENRES).to_pylist()]
 
 
 def load_weights(lake: Lake, name: str, version: str) -> dict[str, torch.Tensor]:
     """The stored state dict of a version, loaded with ``weights_only=True`` on CPU."""
+    import torch
+
     data = lake.read_bytes(posixpath.join(_version_rel(name, version), WEIGHTS))
     state: dict[str, torch.Tensor] = torch.load(
         io.BytesIO(data), weights_only=True, map_location="cpu"
@@ -333,11 +312,11 @@ def load_model(
         lake: The lake.
         name: Registry name.
         ref: Version id, unique prefix, ``latest`` or an alias (``staging``, ``production``).
-        builder: Model factory; default ``app.model.build_model``.
+        builder: Model factory; default ``build_model`` of the models package.
     """
     record = get_record(lake, name, ref)
     if builder is None:
-        from app.model import build_model
+        from app.models import build_model
 
         builder = build_model
     args = ModelArgs.model_validate(record.config.get("model", {}))
@@ -346,7 +325,7 @@ def load_model(
         args,
         int(lineage["n_users"]),
         int(lineage["n_items"]),
-        item_genres=_item_genres(lake, lineage),
+        item_genres=_lineage_genres(lake, lineage),
         seed=int(record.config.get("seed", 0)),
     )
     model.load_state_dict(load_weights(lake, name, record.version))
@@ -356,10 +335,8 @@ def load_model(
 def update_metrics(lake: Lake, name: str, version: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Merge ``metrics`` into a published version's ``metrics.json`` (atomic); return the result."""
     version = resolve(lake, name, version)
-    rel = posixpath.join(_version_rel(name, version), METRICS)
-    merged = dict(lake.read_json(rel)) if lake.exists(rel) else {}
-    merged.update(_json_metrics(metrics))
-    lake.write_json(rel, merged)
+    merged = {**_stored_metrics(lake, name, version), **_json_metrics(metrics)}
+    lake.write_json(posixpath.join(_version_rel(name, version), METRICS), merged)
     return merged
 
 
@@ -368,13 +345,17 @@ def promotions(lake: Lake, name: str) -> list[dict[str, Any]]:
     rel = posixpath.join(models_root(name), PROMOTIONS_FILE)
     if not lake.exists(rel):
         return []
-    text = lake.read_bytes(rel).decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = lake.read_bytes(rel).decode().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _stored_metrics(lake: Lake, name: str, version: str) -> dict[str, Any]:
+    rel = posixpath.join(_version_rel(name, version), METRICS)
+    return dict(lake.read_json(rel)) if lake.exists(rel) else {}
 
 
 def _gate_value(lake: Lake, name: str, version: str) -> float | None:
-    rel = posixpath.join(_version_rel(name, version), METRICS)
-    value = lake.read_json(rel).get(GATE_METRIC) if lake.exists(rel) else None
+    value = _stored_metrics(lake, name, version).get(GATE_METRIC)
     return None if value is None else float(value)
 
 

@@ -1,9 +1,10 @@
-"""Tests for app.registry: round trip, stable ids, aliases, promotion gate, S3 lakes."""
+"""Tests for app.store.registry: round trip, stable ids, aliases, promotion gate, S3 lakes."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 
 import numpy as np
@@ -14,13 +15,14 @@ import scipy.sparse as sp
 import torch
 
 from app.config import AppConfig, load_config
-from app.dataset import DatasetVersion, datasets_root
-from app.lake import Lake
-from app.model import Recommender
-from app.registry import (
+from app.models import Recommender, build_model
+from app.store import (
+    DatasetVersion,
+    Lake,
     PromotionRefused,
     RegistryError,
     aliases,
+    datasets_root,
     get_record,
     list_versions,
     load_model,
@@ -103,7 +105,7 @@ def lake(tmp_path) -> Lake:
 def _roundtrip(lake: Lake) -> None:
     ds = _dataset(lake)
     cfg = _cfg(lake)
-    name = registry_name(cfg)
+    name = registry_name(cfg.data.name, cfg.model.name)
     assert name == "tiny-mf"
     model = _DotModel(N_USERS, N_ITEMS, seed=1)
     rec = register(
@@ -200,6 +202,25 @@ def test_refs_and_unknown_ref_error(lake: Lake) -> None:
         resolve(lake, "other-mf", "latest")
 
 
+def test_resolve_builds_on_lake_version_resolution(lake: Lake) -> None:
+    ds = _dataset(lake)
+    cfg = _cfg(lake)
+    v1 = register(lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=1), cfg, ds, {}).version
+    v2 = register(lake, "tiny-mf", _DotModel(N_USERS, N_ITEMS, seed=2), cfg, ds, {}).version
+    root = "models/tiny-mf"
+    for ref in ("latest", "", None, v1, v2, v2[:-2]):
+        assert resolve(lake, "tiny-mf", ref) == lake.resolve_version(root, ref)
+    shared = os.path.commonprefix([v1, v2])  # timestamps: at least the century
+    with pytest.raises(RegistryError, match=f"ambiguous .*{v1}.*aliases: none"):
+        resolve(lake, "tiny-mf", shared)
+    promote(lake, "tiny-mf", v1, "staging")
+    assert resolve(lake, "tiny-mf", " staging ") == v1
+    # An alias whose version disappeared is reported, not silently followed.
+    lake.remove(posixpath.join(root, v1))
+    with pytest.raises(RegistryError, match="not published"):
+        resolve(lake, "tiny-mf", "staging")
+
+
 def test_aliases_promotions_and_gate(lake: Lake) -> None:
     ds = _dataset(lake)
     cfg = _cfg(lake)
@@ -249,15 +270,11 @@ def test_aliases_promotions_and_gate(lake: Lake) -> None:
 
 @pytest.mark.parametrize("family", ["popularity", "ease", "mf", "two_tower"])
 def test_real_models_round_trip(lake: Lake, family: str) -> None:
-    """The default builder (``app.model.build_model``) rebuilds every family from the registry."""
-    import app.model
-
-    if not hasattr(app.model, "build_model"):
-        pytest.skip("app.model.build_model not written yet")
+    """The default builder (``app.models.build_model``) rebuilds every family from the registry."""
     cfg = _cfg(lake, **{"model.name": family, "model.embed_dim": 8})
     ds = _dataset(lake)
     genres = [list(g) for g in ds.items().column("genres").to_pylist()]
-    model = app.model.build_model(cfg.model, N_USERS, N_ITEMS, item_genres=genres, seed=7)
+    model = build_model(cfg.model, N_USERS, N_ITEMS, item_genres=genres, seed=7)
     train = sp.random(N_USERS, N_ITEMS, density=0.2, random_state=0, format="csr", dtype=np.float32)
     train.data[:] = 1.0
     if family in ("popularity", "ease"):
@@ -267,36 +284,14 @@ def test_real_models_round_trip(lake: Lake, family: str) -> None:
         model.load_state_dict(
             {k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}
         )
-    rec = register(lake, registry_name(cfg), model, cfg, ds, {})
-    loaded, _ = load_model(lake, registry_name(cfg), rec.version)
+    name = registry_name(cfg.data.name, cfg.model.name)
+    rec = register(lake, name, model, cfg, ds, {})
+    loaded, _ = load_model(lake, name, rec.version)
     users = np.arange(N_USERS)
     np.testing.assert_array_equal(loaded.score(users, train), model.score(users, train))
 
 
-# --- S3 lake through moto ---
-@pytest.fixture
-def s3_lake(monkeypatch) -> Lake:
-    """A lake at ``s3://scalerec-test/lake`` on a local moto server."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-        Bucket="scalerec-test"
-    )
-    try:
-        yield Lake("s3://scalerec-test/lake")
-    finally:
-        server.stop()
-
-
+# --- S3 lake through moto (fixture in conftest.py) ---
 def test_s3_lake_register_load_promote(s3_lake: Lake) -> None:
     assert not s3_lake.is_local
     _roundtrip(s3_lake)

@@ -1,11 +1,19 @@
+"""Tests for app.store.datasets: write/load round trip, bad input, item genres, pickling."""
+
 from __future__ import annotations
+
+import io
+import pickle
+import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from app.dataset import (
+from app.store import (
+    GENRES,
     INTERACTION_SCHEMA,
     ITEM_ID,
     ITEM_IDX,
@@ -13,11 +21,12 @@ from app.dataset import (
     USER_ID,
     USER_IDX,
     WEIGHT,
+    DatasetVersion,
+    Lake,
     list_datasets,
     load_dataset,
     write_dataset,
 )
-from app.lake import Lake
 
 
 def test_write_dataset_round_trips_through_load_dataset(tmp_lake: Lake) -> None:
@@ -40,11 +49,12 @@ def test_write_dataset_round_trips_through_load_dataset(tmp_lake: Lake) -> None:
     assert (ds.n_users, ds.n_items) == (3, 4)
     m = ds.manifest
     assert m["splits"] == {"train": 4, "valid": 1, "test": 2} and m["n_interactions"] == 7
-    assert m["source"] == {"kind": "unit-test"} and m["name"] == "toy"
+    assert m["source"] == {"kind": "unit-test"} and m["name"] == "toy" and m["created_at"]
     assert ds.users().to_pydict() == {USER_IDX: [0, 1, 2], USER_ID: ["alice", "bob", "carol"]}
     items = ds.items().to_pydict()
     assert items[ITEM_IDX] == [0, 1, 2, 3] and items[ITEM_ID] == ["a", "b", "c", "d"]
     assert items["genres"] == [["x"], [], ["x", "y"], ["y"]]
+    assert ds.item_genres() == [["x"], [], ["x", "y"], ["y"]]
 
     t = ds.read_table("train")
     assert t.schema == INTERACTION_SCHEMA
@@ -72,3 +82,42 @@ def test_write_dataset_missing_split_is_empty_and_bad_input_publishes_nothing(tm
     with pytest.raises(ValueError, match="unknown split"):
         write_dataset(tmp_lake, "toy", "v2", {"training": {USER_IDX: [], ITEM_IDX: []}}, [], [])
     assert list_datasets(tmp_lake, "toy") == ["v1"]
+
+
+def test_write_dataset_again_keeps_the_published_version(tmp_lake: Lake) -> None:
+    first = write_dataset(
+        tmp_lake, "toy", "v1", {"train": {USER_IDX: [0], ITEM_IDX: [0]}}, ["u"], ["i"]
+    )
+    again = write_dataset(tmp_lake, "toy", "v1", {}, ["u", "w"], ["i"])
+    assert again.manifest == first.manifest and again.n_users == 1
+
+
+def _rewrite_items(lake: Lake, ds: DatasetVersion, items: pa.Table) -> DatasetVersion:
+    buf = io.BytesIO()
+    pq.write_table(items, buf)
+    lake.write_bytes(posixpath.join(ds.rel, "items.parquet"), buf.getvalue())
+    return load_dataset(lake, ds.name, ds.version)
+
+
+def test_item_genres_follow_item_idx_not_row_order(tmp_lake: Lake) -> None:
+    ds = write_dataset(tmp_lake, "toy", "v1", {}, ["u"], ["a", "b"], genres=[["x"], ["y"]])
+    assert ds.item_genres() == [["x"], ["y"]]
+    shuffled = pa.table({ITEM_IDX: [1, 0], ITEM_ID: ["b", "a"], GENRES: [["y"], None]})
+    assert _rewrite_items(tmp_lake, ds, shuffled).item_genres() == [[], ["y"]]
+    bare = pa.table({ITEM_IDX: [0, 1], ITEM_ID: ["a", "b"]})
+    assert _rewrite_items(tmp_lake, ds, bare).item_genres() is None
+
+
+def test_dataset_version_pickles_without_its_tables(tiny_dataset: DatasetVersion) -> None:
+    tiny_dataset.csr("train")
+    tiny_dataset.items()
+    blob = pickle.dumps(tiny_dataset)
+    copy = pickle.loads(blob)
+    assert len(blob) < 4096  # lake URI + name + version + manifest only
+    assert (copy.lake, copy.name, copy.version) == (
+        tiny_dataset.lake,
+        tiny_dataset.name,
+        tiny_dataset.version,
+    )
+    assert copy.manifest == tiny_dataset.manifest
+    assert (copy.csr("train") != tiny_dataset.csr("train")).nnz == 0

@@ -1,0 +1,260 @@
+"""HTTP ingress of the serving stage: the FastAPI routes of the ``Ingress`` deployment.
+
+The ingress checks each request's input, answers from ``Answers`` (cache, else ``Scoring``),
+appends events to the shared log and follows the serving pointer, so that a reload on one
+replica switches every replica without failing a request.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI and Serve read these annotations at
+# run time.
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import Header, HTTPException, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from app.serve import http as guard
+from app.serve.admin import admin_token_sha256, authorize
+from app.serve.answers import Answers
+from app.serve.args import ServeAppArgs
+from app.serve.http import (
+    BodyLimitAndMetrics,
+    EventsRequest,
+    EventsResponse,
+    FastPathAPI,
+    HealthResponse,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadRequest,
+    ReloadResponse,
+    SimilarResponse,
+)
+from app.serve.metrics import ServeMetrics
+from app.serve.scoring import Scoring
+from app.serve.store import Catalogue, Catalogues, EventLog, ServedVersion, ServingPointer
+from app.store import Lake, RegistryError, resolve
+
+log = logging.getLogger(__name__)
+
+api = FastPathAPI(
+    title="ScaleRec",
+    description="Recommendations from the ScaleRec model registry, served by Ray Serve.",
+    version="1.0",
+)
+
+
+api.add_middleware(BodyLimitAndMetrics)
+
+
+@api.exception_handler(RegistryError)
+async def _registry_error(_: Any, exc: RegistryError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+def _body(answer: BaseModel) -> bytes:
+    """The answer as JSON bytes, serialised once by pydantic.
+
+    The endpoints' ``response_model`` stays in the OpenAPI schema; answering with bytes skips
+    FastAPI's re-validation of a model this code has just built.
+    """
+    return answer.__pydantic_serializer__.to_json(answer)
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: input checks, answers, events, health and reload.
+
+    Args:
+        args: ``ServeAppArgs`` as a JSON-able dict.
+        version: Model version to serve until the serving pointer names another.
+        app_id: Id of the deployed application (names its serving pointer).
+        token_sha256: Hash of the admin token the builder found; the replica's own
+            environment wins.
+        retriever: Handle of the Retriever deployment; None scores in this replica.
+        ranker: Handle of the Ranker deployment (with ``retriever``).
+    """
+
+    def __init__(
+        self,
+        args: dict[str, Any],
+        version: str,
+        app_id: str,
+        token_sha256: str | None,
+        retriever: DeploymentHandle | None = None,
+        ranker: DeploymentHandle | None = None,
+    ) -> None:
+        self.args = ServeAppArgs.model_validate(args)
+        self.lake = Lake(self.args.lake)
+        self.metrics = ServeMetrics("ingress")
+        self.scoring = Scoring(self.lake, self.args, version, self.metrics, retriever, ranker)
+        self.token_sha256 = admin_token_sha256(self.args.admin_token_env, token_sha256)
+        # Through the module object: Serve pickles this class by value, so a global of this
+        # module would be a copy here, not what the ASGI guard reads.
+        guard.RUNTIME.update(
+            max_body_bytes=self.args.max_body_bytes,
+            metrics=self.metrics,
+            recommend=self._recommend_json,
+        )
+        self.catalogues = Catalogues(self.lake, self.args.name)
+        self.pointer = ServingPointer(self.lake, self.args.name, app_id, self.args.pointer_poll_s)
+        self.state = self.catalogues.load(self.pointer.read() or version)
+        self.events = EventLog(self.lake, self.state.catalogue.dataset, self.args.pointer_poll_s)
+        self.events.refresh(force=True)
+        self.answers = Answers(self.args, self.scoring, self.events, self.metrics)
+        self._switching: asyncio.Task[None] | None = None
+        self.metrics.set_version(self.state.version)
+        self.answers.warm(self.lake, self.state)
+
+    # -- served version -------------------------------------------------------------------
+
+    def _sync(self) -> ServedVersion:
+        """Follow the serving pointer (switch in the background) and tail the event log."""
+        wanted = self.pointer.read()
+        if wanted and wanted != self.state.version and self._switching is None:
+            self._switching = asyncio.get_running_loop().create_task(self._switch(wanted))
+        self.events.refresh()
+        return self.state
+
+    async def _switch(self, version: str) -> None:
+        try:
+            state = await asyncio.to_thread(self.catalogues.load, version, self.state)
+            await self.scoring.warm(state.version)
+            await asyncio.to_thread(self.answers.warm, self.lake, state)
+            self.state = state
+            self.metrics.set_version(state.version)
+        except Exception:  # keep serving the old version; retry on a later request
+            log.exception("could not switch to %s", version)
+        finally:
+            self._switching = None
+
+    # -- input checks ---------------------------------------------------------------------
+
+    def _check_k(self, k: int | None) -> int:
+        k = self.args.default_k if k is None else k
+        if not 1 <= k <= self.args.max_k:
+            raise HTTPException(422, f"k must be between 1 and {self.args.max_k}, got {k}")
+        return k
+
+    def _check_items(self, cat: Catalogue, ids: list[str], what: str) -> None:
+        if len(ids) > self.args.max_context_items:
+            raise HTTPException(
+                422, f"{what}: at most {self.args.max_context_items} items, got {len(ids)}"
+            )
+        unknown = cat.unknown_items(ids)
+        if unknown:
+            raise HTTPException(422, f"{what}: unknown item ids {unknown[:10]}")
+
+    async def _recommend(
+        self,
+        user_id: str | None,
+        k: int | None,
+        context: list[str],
+        exclude: list[str],
+        include_seen: bool,
+    ) -> RecommendResponse:
+        state = self._sync()
+        k = self._check_k(k)
+        self._check_items(state.catalogue, context, "context")
+        self._check_items(state.catalogue, exclude, "exclude")
+        return await self.answers.recommend(state, user_id, k, context, exclude, include_seen)
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def _recommend_json(self, user_id: str, k: int | None) -> bytes:
+        """JSON body of ``GET /recommend/{user_id}`` (also answered by the ASGI guard directly)."""
+        answer = await self._recommend(user_id, k, [], [], False)
+        return _body(answer)
+
+    @api.get("/recommend/{user_id}", response_model=RecommendResponse)
+    async def recommend_get(
+        self, user_id: str, k: int | None = Query(None, description="List length.")
+    ) -> Response:
+        """Top-k items for a user; unknown users get popular items."""
+        return _json(await self._recommend_json(user_id, k))
+
+    @api.post("/recommend", response_model=RecommendResponse)
+    async def recommend_post(self, body: RecommendRequest) -> Response:
+        """Top-k items for a user or an anonymous context, with optional exclusions."""
+        answer = await self._recommend(
+            body.user_id, body.k, body.context, body.exclude, body.include_seen
+        )
+        return _json(_body(answer))
+
+    @api.get("/similar/{item_id}", response_model=SimilarResponse)
+    async def similar(self, item_id: str, k: int | None = Query(None)) -> Response:
+        """Items most similar to ``item_id``."""
+        state = self._sync()
+        k = self._check_k(k)
+        if item_id not in state.catalogue.item_index:
+            raise HTTPException(404, f"unknown item id {item_id!r}")
+        return _json(_body(await self.answers.similar(state, item_id, k)))
+
+    @api.post("/events", status_code=202, response_model=EventsResponse)
+    async def post_events(self, body: EventsRequest) -> EventsResponse:
+        """Append user actions durably; the next recommendation for those users reflects them."""
+        if len(body.events) > self.args.max_events:
+            raise HTTPException(
+                413, f"at most {self.args.max_events} events per request, got {len(body.events)}"
+            )
+        cat = self._sync().catalogue
+        unknown = cat.unknown_items([e.item_id for e in body.events])
+        if unknown:
+            raise HTTPException(422, f"unknown item ids {sorted(set(unknown))[:10]}")
+        now = time.time()
+        rows = [
+            {
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "event": e.event,
+                "timestamp": e.timestamp if e.timestamp is not None else now,
+                "received_at": now,
+            }
+            for e in body.events
+        ]
+        await asyncio.to_thread(self.events.append, rows)
+        self.metrics.count("events", len(rows))
+        users = dict.fromkeys(e.user_id for e in body.events)
+        return EventsResponse(
+            accepted=len(rows), history_versions={u: self.events.version(u) for u in users}
+        )
+
+    @api.get("/healthz", response_model=HealthResponse)
+    async def healthz(self) -> HealthResponse:
+        """Liveness and the served model version."""
+        state = self._sync()
+        return HealthResponse(
+            status="ok",
+            model=self.args.name,
+            model_version=state.version,
+            dataset_version=state.catalogue.version,
+        )
+
+    @api.post("/admin/reload", response_model=ReloadResponse)
+    async def reload(
+        self, body: ReloadRequest, authorization: str | None = Header(None)
+    ) -> ReloadResponse:
+        """Switch every replica to a registry version or alias without failing a request."""
+        authorize(authorization, self.token_sha256, self.args.admin_token_env)
+        previous = self._sync().version
+        version = resolve(self.lake, self.args.name, body.model)
+        state = await asyncio.to_thread(self.catalogues.load, version, self.state)
+        # Load the model before anyone asks for it (each retriever call lands on some replica;
+        # the others load on first use, which delays but never fails).
+        await self.scoring.warm(version, calls=4)
+        self.pointer.write(version, previous=previous, ref=body.model)
+        await asyncio.to_thread(self.answers.warm, self.lake, state)
+        self.state = state
+        self.metrics.set_version(version)
+        log.info("reloaded %s: %s -> %s", self.args.name, previous, version)
+        return ReloadResponse(previous=previous, version=version)

@@ -1,0 +1,100 @@
+"""What the ingress scores for a request, scored in its own replica (no Ray, no server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from app.config import ModelArgs
+from app.models import build_model
+from app.serve import Query, ServeAppArgs
+from app.serve.retriever import LoadedModel
+from app.serve.scoring import Scoring, popular
+from app.serve.store import Catalogues
+from app.store import ModelRecord
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def observe(self, value: int) -> None:
+        self.seen.append(value)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.batch_size = _Histogram()
+
+
+def _scoring(serve_lake, **args) -> tuple[Scoring, _Metrics]:
+    metrics = _Metrics()
+    app_args = ServeAppArgs(lake=serve_lake.lake.uri, name=serve_lake.name, **args)
+    version = serve_lake.versions[0]
+    return Scoring(serve_lake.lake, app_args, version, metrics), metrics  # type: ignore[arg-type]
+
+
+def test_popular_skips_excluded_items(serve_lake) -> None:
+    cat = Catalogues(serve_lake.lake, serve_lake.name).load(serve_lake.versions[0]).catalogue
+    excluded = cat.popular[:3]
+    cand = popular(cat, "v", excluded, 5)
+    assert cand.items.tolist() == cat.popular[3:8].tolist()
+    assert np.all(np.diff(cand.scores) <= 0)
+
+
+def test_strategies_and_exclusions(serve_lake) -> None:
+    state = Catalogues(serve_lake.lake, serve_lake.name).load(serve_lake.versions[0])
+    scoring, metrics = _scoring(serve_lake)
+    seen = {state.catalogue.item_index[i] for i in serve_lake.seen(3)}
+
+    async def main() -> None:
+        strategy, cand = await scoring.recommend(state, "u3", [], [], [], False, 5)
+        assert strategy == "personal" and len(cand.items) == 5
+        assert not set(cand.items.tolist()) & seen
+        strategy, cand = await scoring.recommend(state, "u3", [], [], [], True, 40)
+        assert set(cand.items.tolist()) & seen  # include_seen
+        strategy, cand = await scoring.recommend(state, None, [], ["i0"], ["i1"], False, 5)
+        assert strategy == "context" and not {0, 1} & set(cand.items.tolist())
+        strategy, cand = await scoring.recommend(state, "nobody", [], [], [], False, 5)
+        assert strategy == "popularity"
+        assert cand.items.tolist() == state.catalogue.popular[:5].tolist()
+        strategy, cand = await scoring.recommend(state, "nobody", ["i9"], [], [], False, 5)
+        assert strategy == "context" and 9 not in cand.items.tolist()  # folded in from events
+        sim = await scoring.similar(state.version, 3, 4)
+        assert 3 not in sim.items.tolist() and len(sim.items) == 4
+
+    asyncio.run(main())
+    assert metrics.batch_size.seen and all(n >= 1 for n in metrics.batch_size.seen)
+
+
+def test_ranker_rules_apply_in_the_replica(serve_lake) -> None:
+    state = Catalogues(serve_lake.lake, serve_lake.name).load(serve_lake.versions[0])
+    scoring, _ = _scoring(serve_lake, max_per_genre=3, blocked_items=["i13"])
+    _, cand = asyncio.run(scoring.recommend(state, "u1", [], [], [], False, 9))
+    genres = Counter(i // serve_lake.items_per_group for i in cand.items.tolist())
+    assert max(genres.values()) <= 3 and 13 not in cand.items.tolist()
+
+
+@pytest.mark.parametrize("family", ["popularity", "ease", "mf"])
+def test_loaded_model_excludes_and_folds_in(family: str) -> None:
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix((rng.random((30, 12)) < 0.3).astype(np.float32))
+    model = build_model(ModelArgs(name=family, embed_dim=4, ease_lambda=1.0), 30, 12)
+    if hasattr(model, "fit"):
+        model.fit(train)
+    loaded = LoadedModel(model, ModelRecord("tiny-mf", "v1", "", {}))
+    hist = np.array([0, 1, 2])
+    queries = [
+        Query("v1", 3, hist, hist[:0], hist, 5),
+        Query("v1", -1, hist, hist[:0], np.arange(10), 5),  # new user: fold-in
+    ]
+    a, b = loaded.score(queries)
+    assert len(a.items) == 5 and not set(a.items.tolist()) & {0, 1, 2}
+    assert set(b.items.tolist()) <= {10, 11}
+    assert np.all(np.diff(a.scores) <= 0)
+    sim = loaded.similar(0, 3)
+    assert 0 not in sim.items.tolist() and len(sim.items) == 3
