@@ -11,6 +11,7 @@ routes), ``http`` (request/response models, ASGI guard), ``admin`` (admin token)
 ``cache``, ``coalesce``, ``ann``, ``metrics``.
 """
 
+from app.serve.answers import TTLCache
 from app.serve.args import (
     ServeAppArgs,
     ServeRun,
@@ -18,7 +19,6 @@ from app.serve.args import (
     pipeline_serve_config,
     resolve_settings,
 )
-from app.serve.cache import TTLCache
 from app.serve.deploy import build_app, build_application, run
 from app.serve.ingress import Ingress, api
 from app.serve.ranker import Ranker, rerank

@@ -18,8 +18,8 @@ from typing import Any
 from ray.serve import Application
 
 from app import cluster
-from app.serve.admin import admin_token_sha256
 from app.serve.args import ServeAppArgs, ServeRun
+from app.serve.http import admin_token_sha256
 from app.serve.ingress import Ingress
 from app.serve.ranker import Ranker
 from app.serve.retriever import Retriever, ScoringOptions

@@ -10,8 +10,15 @@ request objects, a large share of the event loop's time per request. Every other
 request (other parameters, a malformed ``k``, a path with more segments) goes to FastAPI,
 which validates it. So does a fast-path request whose handler raises: FastAPI runs it again and
 answers the error with the app's own exception handlers (errors are rare; one set of handlers).
+
+The ``/admin`` endpoints take a bearer token. Only its SHA-256 travels and is kept: the builder
+hashes the token found in its own environment, and a replica whose environment holds the token
+hashes that one instead (so a token rotated on the nodes wins over the one the app was built with).
 """
 
+import hashlib
+import hmac
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -236,3 +243,35 @@ class BodyLimitAndMetrics:
 
             await self.app(scope, limited_receive, send_wrapper)
         _record(scope, start, status["code"])
+
+
+def token_sha256(token: str) -> str:
+    """Hex SHA-256 of an admin token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def admin_token_sha256(env: str, fallback: str | None = None) -> str | None:
+    """Hash of the token in environment variable ``env``, else ``fallback`` (None: admin off)."""
+    token = os.environ.get(env)
+    return token_sha256(token) if token else fallback
+
+
+def authorize(authorization: str | None, expected_sha256: str | None, env: str) -> None:
+    """Accept an ``Authorization: Bearer <token>`` header whose token hashes to the expected one.
+
+    Args:
+        authorization: The request's ``Authorization`` header, if any.
+        expected_sha256: Hash of the admin token; None when no token is configured.
+        env: Name of the environment variable holding the token (for the error message).
+
+    Raises:
+        HTTPException: 401 without a bearer token, 403 when admin is disabled or the token is
+            wrong.
+    """
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if expected_sha256 is None:
+        raise HTTPException(403, f"admin disabled: {env} is not set")
+    if not hmac.compare_digest(token_sha256(token.strip()), expected_sha256):
+        raise HTTPException(403, "wrong admin token")

@@ -20,7 +20,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.serve import http as guard
-from app.serve.admin import admin_token_sha256, authorize
 from app.serve.answers import Answers
 from app.serve.args import ServeAppArgs
 from app.serve.http import (
@@ -34,6 +33,8 @@ from app.serve.http import (
     ReloadRequest,
     ReloadResponse,
     SimilarResponse,
+    admin_token_sha256,
+    authorize,
 )
 from app.serve.metrics import ServeMetrics
 from app.serve.scoring import Scoring

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi import HTTPException
 
-from app.serve.admin import admin_token_sha256, authorize, token_sha256
+from app.serve.http import admin_token_sha256, authorize, token_sha256
 
 ENV = "SCALEREC_TEST_ADMIN_TOKEN"
 
