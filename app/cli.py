@@ -17,6 +17,7 @@ def job_parser(description: str, config_example: str) -> argparse.ArgumentParser
     """The command line every job shares: ``--config PATH [dotted.key=value ...]``."""
     parser = argparse.ArgumentParser(
         description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides: dotted keys, e.g. train.num_workers=2 lake=s3://bucket/lake",
     )
     parser.add_argument("--config", required=True, help=f"YAML file, e.g. {config_example}")
