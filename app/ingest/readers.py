@@ -176,7 +176,8 @@ def as_binary(col: pa.ChunkedArray) -> pa.ChunkedArray:
     seconds, dictionary columns their values, and values Arrow cannot cast become JSON.
     """
     if pa.types.is_timestamp(col.type):
-        col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+        # whole seconds, as the CSV path floors them (unsafe: fractions are dropped, not errors)
+        col = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
     if pa.types.is_floating(col.type):
         # 1.0 and 1 must give the same id / value text.
         ints = pc.cast(col, pa.int64(), safe=False)

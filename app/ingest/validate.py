@@ -143,12 +143,14 @@ def _timestamps(col: pa.ChunkedArray, unit: str) -> tuple[np.ndarray, np.ndarray
         parsed = pd.to_datetime(
             pd.Series(col.to_pylist(), dtype="object"), errors="coerce", utc=True, format="ISO8601"
         )
-        bad = parsed.isna().to_numpy()
+        bad = parsed.isna().to_numpy().copy()
         out = np.zeros(len(col), dtype=np.int64)
         if (~bad).any():
-            # Resolution-independent (pandas may hold ns or us): count whole seconds.
-            secs = (parsed[~bad] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-            out[~bad] = secs.to_numpy(dtype=np.int64)
+            # In the parsed unit (pandas may hold s, ms, us or ns): dates outside the nanosecond
+            # range, such as year 1000, stay valid values here and are not an overflow.
+            per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[parsed.dt.unit]
+            out[~bad] = np.asarray(parsed[~bad].array.asi8) // per_second
+        bad |= out < 0  # before 1970, as for numeric timestamps
         return out, bad
     values, failed = _numbers(col)
     bad = failed | np.isnan(values) | (values < 0)

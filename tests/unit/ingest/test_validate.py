@@ -50,6 +50,10 @@ def test_iso_and_millisecond_timestamps(tmp_path, read_csv):
     t = read_csv(p, timestamp_unit="iso")
     assert t.column("ts").to_pylist()[0] == 1577836810
     assert t.column("reason").to_pylist()[1] == "missing or unparsable timestamp"
+    # a bare number parses as a year (1000 AD): before 1970, so quarantined, never a crash
+    p.write_text("userId,movieId,rating,timestamp\n1,10,4,1000\n1,11,4,2020-01-01T00:00:10Z\n")
+    t = read_csv(p, timestamp_unit="iso")
+    assert t.column("reason").to_pylist() == ["missing or unparsable timestamp", None]
     p.write_text("userId,movieId,rating,timestamp\n1,10,4,1577836810500\n")
     assert read_csv(p, timestamp_unit="ms").column("ts").to_pylist() == [1577836810]
 
