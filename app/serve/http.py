@@ -21,11 +21,11 @@ import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, Strict, field_validator
 
 from app.serve.metrics import ServeMetrics
 
@@ -74,13 +74,38 @@ class SimilarResponse(BaseModel):
     cached: bool
 
 
+MAX_CLOCK_SKEW_S = 86_400.0
+"""How far in the future an event's timestamp may lie (client clocks drift; a year does not)."""
+
+
+def _canonical_id(value: str) -> str:
+    # the same canonical form as ingestion: surrounding whitespace is not part of an id
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+CanonicalId = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_canonical_id)]
+
+
 class Event(BaseModel):
     """One user action."""
 
-    user_id: str = ID
-    item_id: str = ID
+    user_id: CanonicalId
+    item_id: CanonicalId
     event: str = Field("interaction", max_length=64)
-    timestamp: float | None = Field(None, description="Unix seconds; default: arrival time.")
+    # strict: a JSON true/false is not a time; finite and from 1970 to now + MAX_CLOCK_SKEW_S
+    timestamp: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None, description="Unix seconds; default: arrival time."
+    )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_far_future(cls, value: float | None) -> float | None:
+        if value is not None and value > time.time() + MAX_CLOCK_SKEW_S:
+            raise ValueError(f"lies more than {MAX_CLOCK_SKEW_S:.0f} s in the future")
+        return value
 
 
 class EventsRequest(BaseModel):

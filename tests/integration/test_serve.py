@@ -295,6 +295,21 @@ def test_events_are_durable(served: str, lake_with_models: tuple[Lake, list[str]
         ("post", "/events", {"json": {"events": []}}, 422),
         ("post", "/events", {"json": {"events": [{"user_id": "u1", "item_id": "nope"}]}}, 422),
         ("post", "/events", {"json": {"events": [{"user_id": "u1"}]}}, 422),
+        (
+            "post",
+            "/events",
+            {
+                "data": b'{"events": [{"user_id": "u1", "item_id": "i1", "timestamp": NaN}]}',
+                "headers": {"content-type": "application/json"},
+            },
+            422,
+        ),
+        (
+            "post",
+            "/events",
+            {"json": {"events": [{"user_id": "u1", "item_id": "i1", "timestamp": False}]}},
+            422,
+        ),
         ("post", "/events", {"json": {"events": [{"user_id": "u", "item_id": "i1"}] * 51}}, 413),
         (
             "post",
