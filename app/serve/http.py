@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, Field, Strict, field_validator
 
@@ -72,6 +73,11 @@ class SimilarResponse(BaseModel):
     items: list[ItemScore]
     model_version: str
     cached: bool
+
+
+def invalid(loc: tuple[str | int, ...], msg: str, value: Any) -> RequestValidationError:
+    """A 422 whose body has the documented ``HTTPValidationError`` shape, like FastAPI's own."""
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
 
 
 MAX_CLOCK_SKEW_S = 86_400.0

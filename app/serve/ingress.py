@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from fastapi import Header, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
@@ -35,6 +36,7 @@ from app.serve.http import (
     SimilarResponse,
     admin_token_sha256,
     authorize,
+    invalid,
 )
 from app.serve.metrics import ServeMetrics
 from app.serve.scoring import Scoring
@@ -141,20 +143,19 @@ class Ingress:
 
     # -- input checks ---------------------------------------------------------------------
 
-    def _check_k(self, k: int | None) -> int:
+    def _check_k(self, k: int | None, where: str = "query") -> int:
         k = self.args.default_k if k is None else k
         if not 1 <= k <= self.args.max_k:
-            raise HTTPException(422, f"k must be between 1 and {self.args.max_k}, got {k}")
+            raise invalid((where, "k"), f"k must be between 1 and {self.args.max_k}", k)
         return k
 
     def _check_items(self, cat: Catalogue, ids: list[str], what: str) -> None:
         if len(ids) > self.args.max_context_items:
-            raise HTTPException(
-                422, f"{what}: at most {self.args.max_context_items} items, got {len(ids)}"
-            )
+            limit = self.args.max_context_items
+            raise invalid(("body", what), f"at most {limit} items, got {len(ids)}", len(ids))
         unknown = cat.unknown_items(ids)
         if unknown:
-            raise HTTPException(422, f"{what}: unknown item ids {unknown[:10]}")
+            raise invalid(("body", what), "unknown item ids", unknown[:10])
 
     async def _recommend(
         self,
@@ -163,9 +164,10 @@ class Ingress:
         context: list[str],
         exclude: list[str],
         include_seen: bool,
+        where: str = "query",
     ) -> RecommendResponse:
         state = self._sync()
-        k = self._check_k(k)
+        k = self._check_k(k, where)
         self._check_items(state.catalogue, context, "context")
         self._check_items(state.catalogue, exclude, "exclude")
         return await self.answers.recommend(state, user_id, k, context, exclude, include_seen)
@@ -188,7 +190,7 @@ class Ingress:
     async def recommend_post(self, body: RecommendRequest) -> Response:
         """Top-k items for a user or an anonymous context, with optional exclusions."""
         answer = await self._recommend(
-            body.user_id, body.k, body.context, body.exclude, body.include_seen
+            body.user_id, body.k, body.context, body.exclude, body.include_seen, where="body"
         )
         return _json(_body(answer))
 
@@ -209,9 +211,21 @@ class Ingress:
                 413, f"at most {self.args.max_events} events per request, got {len(body.events)}"
             )
         cat = self._sync().catalogue
-        unknown = cat.unknown_items([e.item_id for e in body.events])
+        unknown = set(cat.unknown_items([e.item_id for e in body.events]))
         if unknown:
-            raise HTTPException(422, f"unknown item ids {sorted(set(unknown))[:10]}")
+            # which entries failed, so a client can drop them and post the rest again
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ("body", "events", i, "item_id"),
+                        "msg": "unknown item id",
+                        "input": e.item_id,
+                    }
+                    for i, e in enumerate(body.events)
+                    if e.item_id in unknown
+                ][:50]
+            )
         now = time.time()
         rows = [
             {
