@@ -101,6 +101,13 @@ class Event(BaseModel):
     user_id: CanonicalId
     item_id: CanonicalId
     event: str = Field("interaction", max_length=64)
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Idempotency key: a retried event with the same id counts once. "
+        "Default: derived from user, item, event and timestamp.",
+    )
     # strict: a JSON true/false is not a time; finite and from 1970 to now + MAX_CLOCK_SKEW_S
     timestamp: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] | None = Field(
         None, description="Unix seconds; default: arrival time."
@@ -123,7 +130,8 @@ class EventsRequest(BaseModel):
 class EventsResponse(BaseModel):
     """Acknowledgement of durably appended events."""
 
-    accepted: int
+    accepted: int = Field(description="Events of the request now in the log (new or not).")
+    duplicates: int = Field(0, description="Of those, events the log held already (retries).")
     history_versions: dict[str, int]
 
 

@@ -40,7 +40,14 @@ from app.serve.http import (
 )
 from app.serve.metrics import ServeMetrics
 from app.serve.scoring import Scoring
-from app.serve.store import Catalogue, Catalogues, EventLog, ServedVersion, ServingPointer
+from app.serve.store import (
+    Catalogue,
+    Catalogues,
+    EventLog,
+    ServedVersion,
+    ServingPointer,
+    event_id,
+)
 from app.store import Lake, RegistryError, resolve
 
 log = logging.getLogger(__name__)
@@ -232,16 +239,21 @@ class Ingress:
                 "user_id": e.user_id,
                 "item_id": e.item_id,
                 "event": e.event,
+                # the id is fixed before the arrival time fills a missing timestamp, so that
+                # a retry, arriving later, derives the same id
+                "event_id": event_id(e.model_dump()),
                 "timestamp": e.timestamp if e.timestamp is not None else now,
                 "received_at": now,
             }
             for e in body.events
         ]
-        await asyncio.to_thread(self.events.append, rows)
-        self.metrics.count("events", len(rows))
+        new = await asyncio.to_thread(self.events.append, rows)
+        self.metrics.count("events", new)
         users = dict.fromkeys(e.user_id for e in body.events)
         return EventsResponse(
-            accepted=len(rows), history_versions={u: self.events.version(u) for u in users}
+            accepted=len(rows),
+            duplicates=len(rows) - new,
+            history_versions={u: self.events.version(u) for u in users},
         )
 
     @api.get("/healthz", response_model=HealthResponse)

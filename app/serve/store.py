@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import hashlib
 import json
 import os
 import posixpath
@@ -159,8 +160,26 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def event_id(event: dict[str, Any]) -> str:
+    """The event's own ``event_id``, else one derived from its content (user, item, type, time).
+
+    A derived id makes a retried batch dedupe; two real actions with the same content and no
+    client timestamp count once, so clients that want repeats counted send an id or a time.
+    """
+    given = event.get("event_id")
+    if given:
+        return str(given)
+    key = [event.get("user_id"), event.get("item_id"), event.get("event"), event.get("timestamp")]
+    return "c-" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+
+
 class EventLog:
-    """Durable append-only log of user events, tailed by every ingress replica."""
+    """Durable append-only log of user events, tailed by every ingress replica.
+
+    Delivery is at least once with dedupe by ``event_id``, so effectively once: a retried batch
+    (the client lost the 202) is appended again only where another replica raced it, and every
+    reader, on every replica and after every restart, applies an id once.
+    """
 
     def __init__(self, lake: Lake, dataset: str, poll_s: float = 1.0) -> None:
         self.lake = lake
@@ -169,6 +188,7 @@ class EventLog:
         self._offsets: dict[str, int] = {}
         self._items: dict[str, list[str]] = {}
         self._seen_remote: set[str] = set()
+        self._ids: set[str] = set()
         self._last_poll = 0.0
         self._lock = threading.Lock()
         self.n_events = 0
@@ -181,9 +201,21 @@ class EventLog:
         """External item ids of the user's logged events, oldest first."""
         return self._items.get(user_id, [])
 
-    def append(self, events: list[dict[str, Any]]) -> None:
-        """Append events durably (fsync on disk; one PUT on S3), then apply them."""
-        blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in events).encode()
+    def append(self, events: list[dict[str, Any]]) -> int:
+        """Append the events not logged yet durably (fsync on disk; one PUT on S3), apply them.
+
+        Returns:
+            How many were new; the others were in the log already (same ``event_id``).
+        """
+        self.refresh(force=True)
+        fresh: dict[str, dict[str, Any]] = {}
+        for e in events:
+            eid = event_id(e)
+            if eid not in self._ids:
+                fresh.setdefault(eid, {**e, "event_id": eid})
+        if not fresh:
+            return 0
+        blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in fresh.values()).encode()
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         if self.lake.is_local:
             folder = self.lake.path(self.rel)
@@ -201,6 +233,7 @@ class EventLog:
             name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.jsonl"
             self.lake.write_bytes(posixpath.join(self.rel, day, name), blob)
         self.refresh(force=True)
+        return len(fresh)
 
     def refresh(self, force: bool = False) -> None:
         """Apply events other replicas (or this one) appended since the last call."""
@@ -220,6 +253,10 @@ class EventLog:
                 user, item = str(e["user_id"]), str(e["item_id"])
             except (ValueError, KeyError, TypeError):
                 continue  # a corrupt line never takes serving down
+            eid = event_id(e)
+            if eid in self._ids:
+                continue
+            self._ids.add(eid)
             self._items.setdefault(user, []).append(item)
             self.n_events += 1
 

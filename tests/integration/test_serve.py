@@ -279,6 +279,20 @@ def test_events_are_durable(served: str, lake_with_models: tuple[Lake, list[str]
     assert '"user_id": "u9"' in text and '"item_id": "i9"' in text
 
 
+def test_events_retried_after_a_lost_response_count_once(served: str) -> None:
+    batch = {"events": [{"user_id": "u8", "item_id": "i3", "event_id": "retry-1"}]}
+    first = _post(served, "/events", json=batch).json()
+    # the client never saw ``first`` (a lost response) and retries, maybe on another replica
+    again = _post(served, "/events", json=batch).json()
+    assert again["history_versions"] == first["history_versions"]
+    assert (first["duplicates"], again["duplicates"]) == (0, 1)
+    no_id = {"events": [{"user_id": "u8", "item_id": "i4", "timestamp": 1_700_000_000}]}
+    assert _post(served, "/events", json=no_id).json()["duplicates"] == 0
+    assert _post(served, "/events", json=no_id).json()["duplicates"] == 1
+    answer = _get(served, "/recommend/u8").json()
+    assert answer["history_version"] == first["history_versions"]["u8"] + 1
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kw", "status"),
     [
