@@ -14,74 +14,27 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
-from app.config import AppConfig, ModelArgs
-from app.models import build_model
 from app.serve import ServeAppArgs, build_application
 from app.store import (
-    ITEM_IDX,
-    TIMESTAMP,
-    USER_IDX,
     Lake,
     load_dataset,
-    promote,
-    register,
-    write_dataset,
 )
 
-N_GROUPS, USERS_PER_GROUP, ITEMS_PER_GROUP, PER_USER = 4, 20, 12, 8
-N_USERS, N_ITEMS = N_GROUPS * USERS_PER_GROUP, N_GROUPS * ITEMS_PER_GROUP
+N_USERS, ITEMS_PER_GROUP = 80, 12
 TOKEN_ENV = "SCALEREC_TEST_ADMIN_TOKEN"
 TOKEN = "s3cret-test-token"
 NAME = "tiny-mf"
 TIMEOUT = 30
 
 
-# ---------------------------------------------------------------------------------------------
-# A module-scoped lake: planted dataset (user group g likes item group g) + two MF versions.
-# ---------------------------------------------------------------------------------------------
-
-
-def _write_dataset(lake: Lake) -> None:
-    rng = np.random.default_rng(0)
-    users, items = [], []
-    for u in range(N_USERS):
-        g = u % N_GROUPS
-        chosen = g * ITEMS_PER_GROUP + rng.choice(ITEMS_PER_GROUP, PER_USER, replace=False)
-        users += [u] * PER_USER
-        items += chosen.tolist()
-    train = {
-        USER_IDX: np.array(users, np.int32),
-        ITEM_IDX: np.array(items, np.int32),
-        TIMESTAMP: np.arange(len(users), dtype=np.int64),
-    }
-    genres = [[f"g{i // ITEMS_PER_GROUP}"] for i in range(N_ITEMS)]
-    write_dataset(
-        lake, "tiny", "v-tiny", {"train": train}, _ids("u", N_USERS), _ids("i", N_ITEMS), genres
-    )
-
-
-def _ids(prefix: str, n: int) -> list[str]:
-    return [f"{prefix}{i}" for i in range(n)]
-
-
 @pytest.fixture(scope="module")
-def lake_with_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, list[str]]:
-    lake = Lake(str(tmp_path_factory.mktemp("serve") / "lake"))
-    _write_dataset(lake)
-    ds = load_dataset(lake, "tiny")
-    cfg = AppConfig.model_validate({"lake": lake.uri, "model": {"name": "mf", "embed_dim": 8}})
-    versions = []
-    for seed in (0, 1):
-        model = build_model(ModelArgs(name="mf", embed_dim=8), N_USERS, N_ITEMS, seed=seed)
-        rec = register(lake, NAME, model, cfg, ds, {"valid_ndcg@10": 0.1, "seed": seed})
-        versions.append(rec.version)
-    promote(lake, NAME, versions[0], "production")
-    promote(lake, NAME, versions[1], "staging")
-    return lake, versions
+def lake_with_models(serve_lake) -> tuple[Lake, list[str]]:
+    # the shared serving lake (tests/conftest.py), whose shape these tests' ids assume
+    assert (serve_lake.n_users, serve_lake.items_per_group) == (N_USERS, ITEMS_PER_GROUP)
+    return serve_lake.lake, serve_lake.versions
 
 
 def _free_port() -> int:
