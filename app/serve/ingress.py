@@ -274,12 +274,13 @@ class Ingress:
         """Switch every replica to a registry version or alias without failing a request."""
         authorize(authorization, self.token_sha256, self.args.admin_token_env)
         previous = self._sync().version
-        version = resolve(self.lake, self.args.name, body.model)
+        # registry and pointer I/O (an S3 listing on a remote lake) stay off the event loop
+        version = await asyncio.to_thread(resolve, self.lake, self.args.name, body.model)
         state = await asyncio.to_thread(self.catalogues.load, version, self.state)
         # Load the model before anyone asks for it (each retriever call lands on some replica;
         # the others load on first use, which delays but never fails).
         await self.scoring.warm(version, calls=4)
-        self.pointer.write(version, previous=previous, ref=body.model)
+        await asyncio.to_thread(self.pointer.write, version, previous=previous, ref=body.model)
         await asyncio.to_thread(self.answers.warm, self.lake, state)
         self.state = state
         self.metrics.set_version(version)

@@ -309,4 +309,6 @@ class Retriever:
 
     async def similar(self, version: str, item_idx: int, k: int) -> Candidates:
         """Items most similar to one item."""
-        return (await self.versions.get(version)).similar(item_idx, k)
+        model = await self.versions.get(version)
+        # a full pass over the catalogue: off the event loop, so batched retrieval goes on
+        return await asyncio.to_thread(model.similar, item_idx, k)

@@ -121,7 +121,8 @@ class Scoring:
     async def similar(self, version: str, item_idx: int, k: int) -> Candidates:
         """Items most similar to ``item_idx`` under ``version``."""
         if self.local is not None:
-            return (await self.local.get(version)).similar(item_idx, k)
+            model = await self.local.get(version)
+            return await asyncio.to_thread(model.similar, item_idx, k)  # a catalogue pass
         assert self.retriever is not None
         cand: Candidates = await self.retriever.similar.remote(version, item_idx, k)
         return cand
