@@ -216,7 +216,7 @@ class Answers:
         if hit is not None:
             return hit.model_copy(update={"cached": True})
         idx = state.catalogue.item_index[item_id]
-        cand = await self.scoring.similar(state.version, idx, k)
+        cand = await self.scoring.similar(state.catalogue, state.version, idx, k)
         answer = SimilarResponse(
             item_id=item_id,
             items=response_items(state.catalogue, cand),

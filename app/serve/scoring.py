@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from app.serve.coalesce import Coalescer
-from app.serve.ranker import RankRules
+from app.serve.ranker import RankRules, rerank
 from app.serve.retriever import Candidates, ModelVersions, Query, ScoringOptions
 
 if TYPE_CHECKING:
@@ -110,22 +110,39 @@ class Scoring:
             history = np.union1d(np.union1d(stored, recent), cat.to_index(context))
             excluded = np.union1d(cat.to_index(exclude), stored[:0] if include_seen else history)
         if not len(history):
-            return "popularity", popular(cat, state.version, excluded, k)
-        n_fetch = k
-        if self.args.ranker_active:  # room for what the ranker's rules remove or defer
-            n_fetch = min(cat.n_items, 3 * k + len(self.args.blocked_items))
-        query = Query(state.version, user_idx, history, recent, excluded, n_fetch)
+            cand = popular(cat, state.version, excluded, self._n_fetch(cat, k))
+            return "popularity", self.apply_rules(cat, cand, k)
+        query = Query(state.version, user_idx, history, recent, excluded, self._n_fetch(cat, k))
         cand = await self.batched((query, k))
         return ("personal" if user_idx >= 0 else "context"), cand
 
-    async def similar(self, version: str, item_idx: int, k: int) -> Candidates:
-        """Items most similar to ``item_idx`` under ``version``."""
+    async def similar(self, cat: Catalogue, version: str, item_idx: int, k: int) -> Candidates:
+        """Items most similar to ``item_idx`` under ``version``, under the ranker's rules."""
+        n = self._n_fetch(cat, k)
         if self.local is not None:
             model = await self.local.get(version)
-            return await asyncio.to_thread(model.similar, item_idx, k)  # a catalogue pass
-        assert self.retriever is not None
-        cand: Candidates = await self.retriever.similar.remote(version, item_idx, k)
-        return cand
+            cand = await asyncio.to_thread(model.similar, item_idx, n)  # a catalogue pass
+        else:
+            assert self.retriever is not None
+            cand = await self.retriever.similar.remote(version, item_idx, n)
+        return self.apply_rules(cat, cand, k)
+
+    def _n_fetch(self, cat: Catalogue, k: int) -> int:
+        # room for what the ranker's rules remove or defer
+        if not self.args.ranker_active:
+            return k
+        return min(cat.n_items, 3 * k + len(self.args.blocked_items))
+
+    def apply_rules(self, cat: Catalogue, cand: Candidates, k: int) -> Candidates:
+        """The ranker's rules (blocked items, genre cap) on a list the ingress made itself.
+
+        Personal answers go through the Ranker (or ``RankRules`` here); popularity and
+        similar-item answers come from this replica's catalogue, and the same rules apply.
+        """
+        if not self.args.ranker_active:
+            return cand
+        blocked = set(cat.to_index(list(self.args.blocked_items)).tolist())
+        return rerank(cand, k, cat.genres, blocked, self.args.max_per_genre)
 
     async def _retrieve(self, calls: list[tuple[Query, int]]) -> list[Candidates]:
         # One scoring pass per batch of HTTP requests (see ``Coalescer``): the proxy→ingress

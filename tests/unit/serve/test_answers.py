@@ -44,7 +44,7 @@ class _Scoring:
         items = np.arange(k, dtype=np.int64)
         return "personal", Candidates(state.version, items, np.ones(k, np.float32))
 
-    async def similar(self, version, item_idx, k):
+    async def similar(self, cat, version, item_idx, k):
         self.calls.append(("similar", item_idx, k))
         return Candidates(version, np.arange(k, dtype=np.int64), np.ones(k, np.float32))
 

@@ -64,7 +64,7 @@ def test_strategies_and_exclusions(serve_lake) -> None:
         assert cand.items.tolist() == state.catalogue.popular[:5].tolist()
         strategy, cand = await scoring.recommend(state, "nobody", ["i9"], [], [], False, 5)
         assert strategy == "context" and 9 not in cand.items.tolist()  # folded in from events
-        sim = await scoring.similar(state.version, 3, 4)
+        sim = await scoring.similar(state.catalogue, state.version, 3, 4)
         assert 3 not in sim.items.tolist() and len(sim.items) == 4
 
     asyncio.run(main())
@@ -77,6 +77,39 @@ def test_ranker_rules_apply_in_the_replica(serve_lake) -> None:
     _, cand = asyncio.run(scoring.recommend(state, "u1", [], [], [], False, 9))
     genres = Counter(i // serve_lake.items_per_group for i in cand.items.tolist())
     assert max(genres.values()) <= 3 and 13 not in cand.items.tolist()
+
+
+def test_no_blocked_item_in_any_answer(serve_lake) -> None:
+    """Random requests over every path (personal, context, popularity, similar): the rules hold."""
+    state = Catalogues(serve_lake.lake, serve_lake.name).load(serve_lake.versions[0])
+    cat = state.catalogue
+    # the most popular items, so popularity answers would return them if nothing filtered
+    blocked_idx = cat.popular[:4].tolist()
+    blocked = [cat.item_ids[i] for i in blocked_idx]
+    scoring, _ = _scoring(serve_lake, max_per_genre=2, blocked_items=blocked)
+    rng = np.random.default_rng(7)
+    known = list(cat.user_index)
+    strategies: Counter[str] = Counter()
+
+    async def main() -> None:
+        for _ in range(150):
+            user = [known[rng.integers(len(known))], "nobody", None][rng.integers(3)]
+            k = int(rng.integers(1, 10))
+            context = [f"i{i}" for i in rng.choice(cat.n_items, rng.integers(0, 3), replace=False)]
+            if user is None and not context and rng.random() < 0.5:
+                context = ["i0"]
+            strategy, cand = await scoring.recommend(state, user, [], context, [], False, k)
+            strategies[strategy] += 1
+            items = cand.items.tolist()
+            assert not set(items) & set(blocked_idx), (strategy, items)
+            assert len(items) == k
+        for item in range(cat.n_items):
+            sim = await scoring.similar(cat, state.version, item, 5)
+            assert not set(sim.items.tolist()) & set(blocked_idx)
+            assert len(sim.items) == 5 and item not in sim.items.tolist()
+
+    asyncio.run(main())
+    assert set(strategies) == {"personal", "context", "popularity"}, strategies
 
 
 @pytest.mark.parametrize("family", ["popularity", "ease", "mf"])
