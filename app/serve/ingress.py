@@ -52,6 +52,9 @@ from app.store import Lake, RegistryError, resolve
 
 log = logging.getLogger(__name__)
 
+SWITCH_RETRY_S = 30.0
+"""How long a replica waits before it tries again to switch to a version that failed to load."""
+
 api = FastPathAPI(
     title="ScaleRec",
     description="Recommendations from the ScaleRec model registry, served by Ray Serve.",
@@ -118,11 +121,12 @@ class Ingress:
         )
         self.catalogues = Catalogues(self.lake, self.args.name)
         self.pointer = ServingPointer(self.lake, self.args.name, app_id, self.args.pointer_poll_s)
-        self.state = self.catalogues.load(self.pointer.read() or version)
+        self.state = self.catalogues.load_at_start(self.pointer.read(), version)
         self.events = EventLog(self.lake, self.state.catalogue.dataset, self.args.pointer_poll_s)
         self.events.refresh(force=True)
         self.answers = Answers(self.args, self.scoring, self.events, self.metrics)
         self._switching: asyncio.Task[None] | None = None
+        self._failed: tuple[str | None, float] = (None, 0.0)  # a version that failed, until
         self.metrics.set_version(self.state.version)
         self.answers.warm(self.lake, self.state)
 
@@ -131,7 +135,12 @@ class Ingress:
     def _sync(self) -> ServedVersion:
         """Follow the serving pointer (switch in the background) and tail the event log."""
         wanted = self.pointer.read()
-        if wanted and wanted != self.state.version and self._switching is None:
+        if (
+            wanted
+            and wanted != self.state.version
+            and self._switching is None
+            and not (wanted == self._failed[0] and time.monotonic() < self._failed[1])
+        ):
             self._switching = asyncio.get_running_loop().create_task(self._switch(wanted))
         self.events.refresh()
         return self.state
@@ -143,8 +152,9 @@ class Ingress:
             await asyncio.to_thread(self.answers.warm, self.lake, state)
             self.state = state
             self.metrics.set_version(state.version)
-        except Exception:  # keep serving the old version; retry on a later request
-            log.exception("could not switch to %s", version)
+        except Exception:  # keep serving the old version; retry a while later, not per request
+            log.exception("could not switch to %s; next try in %.0f s", version, SWITCH_RETRY_S)
+            self._failed = (version, time.monotonic() + SWITCH_RETRY_S)
         finally:
             self._switching = None
 

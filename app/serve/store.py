@@ -22,6 +22,7 @@ import datetime as dt
 import gc
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import threading
@@ -39,10 +40,13 @@ from app.store import (
     USER_ID,
     USER_IDX,
     Lake,
+    LakeError,
     ModelRecord,
     get_record,
     load_dataset,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,6 +149,27 @@ class Catalogues:
             self._loaded[key] = load_catalogue(self.lake, *key)
             freeze_heap()
         return ServedVersion(record.version, record, self._loaded[key])
+
+    def load_at_start(self, pointed: str | None, configured: str) -> ServedVersion:
+        """What a starting replica serves: the serving pointer's version, else the configured one.
+
+        A pointer may name a version deleted since (or one whose files are damaged): the
+        replica then starts on the configured version, with one warning, instead of failing
+        its start-up on every restart.
+        """
+        if pointed and pointed != configured:
+            try:
+                return self.load(pointed)
+            except (LakeError, OSError, KeyError, ValueError) as exc:
+                log.warning(
+                    "serving pointer of %s names %s, which cannot be loaded (%s); "
+                    "serving the configured version %s",
+                    self.name,
+                    pointed,
+                    exc,
+                    configured,
+                )
+        return self.load(configured)
 
 
 def freeze_heap() -> None:
