@@ -67,7 +67,13 @@ api.add_middleware(BodyLimitAndMetrics)
 
 @api.exception_handler(RegistryError)
 async def _registry_error(_: Any, exc: RegistryError) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=404)
+    # The registry's message names the lake and every version: fine for a log, not for a
+    # client (it would map the storage and the model history to anyone who can reach /admin).
+    log.info("registry lookup failed: %s", exc)
+    return JSONResponse(
+        {"detail": "unknown model version or alias; see the serving logs or the registry"},
+        status_code=404,
+    )
 
 
 def _body(answer: BaseModel) -> bytes:

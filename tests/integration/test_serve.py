@@ -297,7 +297,8 @@ def test_bad_input_is_4xx(served: str, method: str, path: str, kw: dict, status:
     assert "detail" in r.json()
 
 
-def test_admin_auth(served: str) -> None:
+def test_admin_auth(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
+    lake, versions = lake_with_models
     body = {"model": "production"}
     assert _post(served, "/admin/reload", json=body).status_code == 401
     bad = {"Authorization": "Basic abc"}
@@ -306,7 +307,9 @@ def test_admin_auth(served: str) -> None:
     assert _post(served, "/admin/reload", json=body, headers=wrong).status_code == 403
     ok = {"Authorization": f"Bearer {TOKEN}"}
     r = _post(served, "/admin/reload", json={"model": "no-such-version"}, headers=ok)
-    assert r.status_code == 404 and "versions" in r.json()["detail"]
+    assert r.status_code == 404 and "unknown model version" in r.json()["detail"]
+    # the answer names neither the storage nor the model history
+    assert lake.uri not in r.text and not any(v in r.text for v in versions)
     assert _post(served, "/admin/reload", json=body, headers=ok).status_code == 200
 
 
