@@ -27,7 +27,20 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be so the same cleanup runs."""
 
 
+_embedded = False
+"""Whether this process started its own local Ray cluster (``connect`` without an address)."""
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    if _embedded:
+        # A SIGTERM to the process group reaches Ray's own processes too, and the driver's
+        # core worker exits with status 1 once it sees its raylet gone, so an orderly
+        # shutdown would race it. Exit now instead: every process of the embedded cluster
+        # is started to die with its parent (kernel fate-sharing), which stops Serve, Ray
+        # Train and Ray Data with it.
+        sys.stdout.flush()
+        print("\nterminated: stopping Ray", file=sys.stderr, flush=True)
+        os._exit(EXIT_SIGTERM)
     raise _Terminated()
 
 
@@ -116,6 +129,7 @@ def bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> None:
 
 def connect(cluster: ClusterArgs) -> None:
     """Start (or join) Ray once per process; a no-op when Ray is already initialised."""
+    global _embedded
     import ray
 
     if not cluster.progress_bars:
@@ -129,6 +143,7 @@ def connect(cluster: ClusterArgs) -> None:
             log.info("starting an embedded local Ray cluster (num_cpus=%s)", cluster.num_cpus)
             # address="local": never join another Ray instance running on this host.
             ray.init(address="local", num_cpus=cluster.num_cpus, log_to_driver=True)
+            _embedded = True
     own_signals()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cluster.progress_bars

@@ -28,6 +28,11 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line.split()[0] == str(sid)]
+
+
 def _tiny_config(folder: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "jobs/configs/synthetic.yaml").read_text())
     cfg["data"]["synthetic"].update(n_users=200, n_items=120, n_interactions=4_000, n_files=1)
@@ -89,5 +94,11 @@ def test_pipeline_stops_on_signal(tmp_path: Path, phase: str, sig: int, code: in
     # Ray's native failure handler prints this stack dump and aborts when it gets the signal
     assert "SIGTERM received" not in after, after[-3000:]
     assert ("terminated" if sig == signal.SIGTERM else "interrupted") + ": stopping Ray" in after
+    # nothing the job started outlives it: no process left in its session, the port closed
+    # (after SIGTERM Ray's processes die with the driver, which takes the kernel a moment)
+    deadline = time.monotonic() + 15
+    while (_session_processes(proc.pid) or _listening(port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _session_processes(proc.pid)
     assert not _listening(port)
     assert (tmp_path / "lake" / "datasets" / "synthetic").is_dir()
