@@ -18,6 +18,7 @@ hashes that one instead (so a token rotated on the nodes wins over the one the a
 
 import hashlib
 import hmac
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +79,28 @@ class SimilarResponse(BaseModel):
 def invalid(loc: tuple[str | int, ...], msg: str, value: Any) -> RequestValidationError:
     """A 422 whose body has the documented ``HTTPValidationError`` shape, like FastAPI's own."""
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with what strict JSON cannot hold (NaN, infinities, objects) as text."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+async def validation_error(_: Any, exc: RequestValidationError) -> JSONResponse:
+    """422 in FastAPI's documented shape, also when the rejected input was NaN or infinite.
+
+    FastAPI's own handler fails (a 500) on a body such as ``{"timestamp": NaN}``: the error
+    echoes the value, and strict JSON has no NaN.
+    """
+    return JSONResponse({"detail": _json_safe(list(exc.errors()))}, status_code=422)
 
 
 MAX_CLOCK_SKEW_S = 86_400.0

@@ -37,6 +37,7 @@ from app.serve.http import (
     admin_token_sha256,
     authorize,
     invalid,
+    validation_error,
 )
 from app.serve.metrics import ServeMetrics
 from app.serve.scoring import Scoring
@@ -63,6 +64,7 @@ api = FastPathAPI(
 
 
 api.add_middleware(BodyLimitAndMetrics)
+api.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
 
 
 @api.exception_handler(RegistryError)

@@ -46,3 +46,27 @@ def test_implausible_timestamps_are_rejected(raw, problem):
 def test_blank_ids_are_rejected(field):
     with pytest.raises(ValidationError, match="blank"):
         EventsRequest.model_validate_json(_body(**{field: "   "}))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _body(timestamp=0).replace("0}]", "NaN}]"),
+        _body(timestamp=0).replace("0}]", "-Infinity}]"),
+        _body(user_id="   "),
+    ],
+)
+def test_rejections_render_as_422_in_the_documented_shape(body):
+    """The app's handler renders what FastAPI's own cannot (NaN inputs, validator errors)."""
+    import asyncio
+
+    from fastapi.exceptions import RequestValidationError
+
+    from app.serve.http import validation_error
+
+    with pytest.raises(ValidationError) as caught:
+        EventsRequest.model_validate_json(body)
+    response = asyncio.run(validation_error(None, RequestValidationError(caught.value.errors())))
+    assert response.status_code == 422
+    (error,) = json.loads(response.body)["detail"]
+    assert {"loc", "msg", "type"} <= set(error)
