@@ -31,15 +31,75 @@ _embedded = False
 """Whether this process started its own local Ray cluster (``connect`` without an address)."""
 
 
+def _processes() -> dict[int, tuple[int, int]]:
+    """``pid -> (parent pid, process group)`` of every process, from /proc (Linux)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            found[int(entry)] = (int(fields[1]), int(fields[2]))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+def _is_ray(pid: int) -> bool:
+    """Whether ``pid`` is a Ray process (a worker, an agent, the raylet, the GCS ...)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    first = argv[0]
+    return (
+        first.startswith("ray::")
+        or os.path.basename(first) in ("raylet", "gcs_server")
+        or any(f"{os.sep}ray{os.sep}" in a for a in argv[:3])
+    )
+
+
+def _kill_job_processes() -> None:
+    # Fate-sharing stops the raylet and GCS with the driver, but a process the raylet started
+    # can outlive it (seen: the dashboard agent, for more than 15 s, once the raylet it was a
+    # child of had died). So kill what this job started: its descendants, and the processes
+    # of its process group that are Ray's (not the commands that launched it, nor a `tee`).
+    if not os.path.isdir("/proc"):
+        return
+    procs = _processes()
+    me, group = os.getpid(), os.getpgrp()
+    keep, pid = {me}, me
+    while pid in procs and pid not in (0, 1):
+        pid = procs[pid][0]
+        keep.add(pid)
+    children: dict[int, list[int]] = {}
+    for p, (parent, _) in procs.items():
+        children.setdefault(parent, []).append(p)
+    doomed, stack = set(), [me]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            doomed.add(child)
+            stack.append(child)
+    doomed |= {p for p, (_, g) in procs.items() if g == group and _is_ray(p)}
+    for p in doomed - keep:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass  # gone already
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     if _embedded:
         # A SIGTERM to the process group reaches Ray's own processes too, and the driver's
         # core worker exits with status 1 once it sees its raylet gone, so an orderly
         # shutdown would race it. Exit now instead: every process of the embedded cluster
         # is started to die with its parent (kernel fate-sharing), which stops Serve, Ray
-        # Train and Ray Data with it.
+        # Train and Ray Data with it; the rest is killed here.
         sys.stdout.flush()
         print("\nterminated: stopping Ray", file=sys.stderr, flush=True)
+        _kill_job_processes()
         os._exit(EXIT_SIGTERM)
     raise _Terminated()
 
