@@ -177,8 +177,8 @@ def call_in_thread(fn: Callable[[], T]) -> T:
 def bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> None:
     """Run ``fn`` for at most ``timeout_s`` seconds; on a timeout log it and go on.
 
-    For cleanup that waits on Ray actors: after a SIGTERM to the whole process group those
-    actors may be gone already, and Ray's own waits would hold the exit for their full timeout.
+    For cleanup that waits on Ray actors that may be gone already (a node lost, a signal that
+    reached them too): Ray's own waits would hold the exit for their full timeout.
     """
     worker = threading.Thread(target=fn, name=f"scalerec-{what}", daemon=True)
     worker.start()

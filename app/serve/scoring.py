@@ -62,6 +62,7 @@ class Scoring:
         # Scoring in this replica (``colocate_scoring``) replaces both handles.
         self.local: ModelVersions | None = None
         self.rules: RankRules | None = None
+        self._blocked: dict[tuple[str, str], set[int]] = {}  # blocked item indices, by catalogue
         if retriever is None:
             self.local = ModelVersions(lake, args.name, ScoringOptions.of(args))
             self.local.load_sync(version)
@@ -141,8 +142,10 @@ class Scoring:
         """
         if not self.args.ranker_active:
             return cand
-        blocked = set(cat.to_index(list(self.args.blocked_items)).tolist())
-        return rerank(cand, k, cat.genres, blocked, self.args.max_per_genre)
+        key = (cat.dataset, cat.version)
+        if key not in self._blocked:  # once per catalogue, not per request
+            self._blocked = {key: set(cat.to_index(list(self.args.blocked_items)).tolist())}
+        return rerank(cand, k, cat.genres, self._blocked[key], self.args.max_per_genre)
 
     async def _retrieve(self, calls: list[tuple[Query, int]]) -> list[Candidates]:
         # One scoring pass per batch of HTTP requests (see ``Coalescer``): the proxy→ingress

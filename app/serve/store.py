@@ -232,7 +232,8 @@ class EventLog:
         Returns:
             How many were new; the others were in the log already (same ``event_id``).
         """
-        self.refresh(force=True)
+        # what other replicas logged (poll-gated on S3, so a POST adds no listing of its own)
+        self.refresh()
         fresh: dict[str, dict[str, Any]] = {}
         for e in events:
             eid = event_id(e)
