@@ -5,25 +5,48 @@ Run with ``python -m jobs.serve --config serve_configs/local.yaml`` or
 this package never starts Ray or Serve.
 
 Modules: ``args`` (settings and their precedence), ``deploy`` (builder, run), ``ingress`` (HTTP
-routes), ``http`` (request/response models, ASGI guard), ``admin`` (admin token),
-``answers`` (cache keys, cached answers), ``scoring`` (what to score, where), ``retriever`` and
-``ranker`` (the scoring deployments), ``store`` (catalogue, event log, serving pointer),
-``cache``, ``coalesce``, ``ann``, ``metrics``.
+routes), ``http`` (request/response models, ASGI guard, admin token), ``answers`` (cache,
+cache keys, cached answers), ``scoring`` (what to score, where), ``retriever`` and ``ranker``
+(the scoring deployments), ``store`` (catalogue, event log, serving pointer), ``haproxy``
+(the fast path's HAProxy launcher), ``coalesce``, ``ann``, ``metrics``.
 """
 
-from app.serve.answers import TTLCache
-from app.serve.args import (
-    ServeAppArgs,
-    ServeRun,
-    load_serve_config,
-    pipeline_serve_config,
-    resolve_settings,
-)
-from app.serve.deploy import build_app, build_application, run
-from app.serve.ingress import Ingress, api
-from app.serve.ranker import Ranker, rerank
-from app.serve.retriever import Candidates, Query, Retriever, top_k_dot
-from app.serve.store import Catalogue, EventLog, ServingPointer, load_catalogue
+import importlib
+from typing import Any
+
+# Exports load on first use, so that a light module of this package (the HAProxy launcher,
+# started once per HAProxy reload) does not import Ray Serve and torch first.
+_EXPORTS = {
+    "TTLCache": "answers",
+    "ServeAppArgs": "args",
+    "ServeRun": "args",
+    "load_serve_config": "args",
+    "pipeline_serve_config": "args",
+    "resolve_settings": "args",
+    "build_app": "deploy",
+    "build_application": "deploy",
+    "run": "deploy",
+    "Ingress": "ingress",
+    "api": "ingress",
+    "Ranker": "ranker",
+    "rerank": "ranker",
+    "Candidates": "retriever",
+    "Query": "retriever",
+    "Retriever": "retriever",
+    "top_k_dot": "retriever",
+    "Catalogue": "store",
+    "EventLog": "store",
+    "ServingPointer": "store",
+    "load_catalogue": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'app.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"app.serve.{module}"), name)
+
 
 __all__ = [
     "Candidates",

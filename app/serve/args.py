@@ -11,7 +11,7 @@ pipeline and the tests. ``ServeRun`` is a whole Serve config file, resolved by
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from app.config import AppConfig, ConfigError, OutputPath, ServeArgs, parse_overrides
+from app.serve.haproxy import with_launcher
 from app.store import Lake, registry_name
 
 LISTEN_KEYS = ("host", "port")
@@ -87,6 +88,9 @@ class ServeRun:
     deployments: dict[str, dict[str, Any]]
     http_options: dict[str, Any]
     """Serve's HTTP options, ``host`` and ``port`` always set (see ``resolve_settings``)."""
+    proxy_location: str = "EveryNode"
+    controller_options: dict[str, Any] = field(default_factory=dict)
+    """Serve's controller options (the fast path's environment), launcher path resolved."""
 
     @property
     def url(self) -> str:
@@ -172,7 +176,15 @@ def load_serve_config(
         d.name: {k: v for k, v in d.model_dump(exclude_unset=True).items() if k != "name"}
         for d in app.deployments
     }
-    return ServeRun(app.name, app.route_prefix or "/", app_args, deployments, http)
+    options = schema.controller_options
+    controller = options.model_dump(exclude_unset=True) if options is not None else {}
+    env = (controller.get("runtime_env") or {}).get("env_vars")
+    if env:
+        controller["runtime_env"]["env_vars"] = with_launcher(env)
+    proxy = getattr(schema.proxy_location, "value", schema.proxy_location) or "EveryNode"
+    return ServeRun(
+        app.name, app.route_prefix or "/", app_args, deployments, http, str(proxy), controller
+    )
 
 
 def pipeline_serve_config(serve: ServeArgs, lake: Lake | str, name: str, version: str) -> ServeRun:

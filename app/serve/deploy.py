@@ -90,7 +90,11 @@ def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
     """Start Serve on the connected cluster, deploy the app, print a sample and keep serving."""
     from ray import serve
 
-    serve.start(http_options=run_cfg.http_options)
+    serve.start(
+        http_options=run_cfg.http_options,
+        controller_options=run_cfg.controller_options or None,
+        proxy_location=run_cfg.proxy_location,
+    )
     try:
         app = build_application(run_cfg.args, run_cfg.deployments)
         serve.run(app, name=run_cfg.name, route_prefix=run_cfg.route_prefix, blocking=False)
