@@ -4,7 +4,8 @@ python -m jobs.loadtest --url http://127.0.0.1:8000 --concurrency 8 --duration 2
     --path "/recommend/{user}?k=10" --users u0,u1,u2 --out /tmp/load.json --png /tmp/load.png
 
 Prints one JSON object (qps, p50/p95/p99/max ms, error rate, status counts). Each client sends
-its next request as soon as the previous answer arrives. Targets are loopback unless
+its next request as soon as the previous answer arrives; with ``--rate R`` requests go out on
+a fixed schedule of R per second instead (open loop, for overload). Targets are loopback unless
 ``--allow-remote``; duration and concurrency are bounded.
 """
 
@@ -64,6 +65,75 @@ async def run_load(
         await asyncio.gather(*(client(i, session) for i in range(concurrency)))
     elapsed = min(time.perf_counter(), stop_at + timeout_s) - measure_from
     return summarize(latencies, statuses, elapsed, concurrency)
+
+
+async def run_open_loop(
+    url: str,
+    paths: list[str],
+    rate: float,
+    duration_s: float,
+    timeout_s: float = 10.0,
+    max_in_flight: int = MAX_CONCURRENCY,
+) -> dict[str, Any]:
+    """Send ``rate`` requests/s on a fixed schedule, whatever the answers' speed (overload).
+
+    A request is due every ``1/rate`` s; it is sent when due unless ``max_in_flight`` requests
+    are already open (then it waits, and ``late_ms`` grows: the generator, not the server, is
+    the limit). Latency runs from the actual send. Every request ends with a status or the
+    name of its client error, so ``statuses`` accounts for all of them.
+    """
+    import aiohttp
+
+    latencies: list[float] = []
+    late: list[float] = []
+    statuses: Counter[str] = Counter()
+    by_status: dict[str, list[float]] = {}
+    conn = aiohttp.TCPConnector(limit=max_in_flight, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    slots = asyncio.Semaphore(max_in_flight)
+    rng = random.Random(0)
+
+    async def one(session: aiohttp.ClientSession, path: str, due: float) -> None:
+        t0 = time.perf_counter()
+        late.append(t0 - due)
+        try:
+            async with session.get(url + path) as r:
+                await r.read()
+                status = str(r.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            status = type(exc).__name__
+        finally:
+            slots.release()
+        dt = time.perf_counter() - t0
+        latencies.append(dt)
+        statuses[status] += 1
+        by_status.setdefault(status, []).append(dt)
+
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        start = time.perf_counter()
+        n = int(rate * duration_s)
+        tasks = []
+        for i in range(n):
+            due = start + i / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await slots.acquire()
+            tasks.append(asyncio.create_task(one(session, rng.choice(paths), due)))
+        sent_s = time.perf_counter() - start
+        await asyncio.gather(*tasks)
+    out = summarize(latencies, statuses, sent_s, max_in_flight)
+    out.pop("concurrency")
+    out["target_rate"] = rate
+    out["offered_rate"] = round(n / sent_s, 1) if sent_s > 0 else 0.0
+    out["late_p99_ms"] = round(float(sorted(late)[int(0.99 * (len(late) - 1))]) * 1000, 3)
+    out["per_status"] = {
+        s: summarize(v, Counter({s: len(v)}), sent_s, max_in_flight) for s, v in by_status.items()
+    }
+    for r in out["per_status"].values():
+        for key in ("latencies_ms", "concurrency", "statuses", "error_rate", "duration_s"):
+            r.pop(key)
+    return out
 
 
 def summarize(
@@ -129,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--user-prefix", default="u")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="open loop: requests/s on a fixed schedule"
+    )
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--out", default="", help="write the JSON summary here")
     p.add_argument("--png", default="", help="write a latency histogram here")
@@ -143,9 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{ns.user_prefix}{i}" for i in range(ns.n_users)
     ]
     paths = build_paths(ns.path, users)
-    result = asyncio.run(
-        run_load(ns.url.rstrip("/"), paths, ns.concurrency, ns.duration, ns.warmup)
-    )
+    if ns.rate > 0:
+        result = asyncio.run(run_open_loop(ns.url.rstrip("/"), paths, ns.rate, ns.duration))
+    else:
+        result = asyncio.run(
+            run_load(ns.url.rstrip("/"), paths, ns.concurrency, ns.duration, ns.warmup)
+        )
     if ns.png:
         plot(result, ns.png)
     summary = {k: v for k, v in result.items() if k != "latencies_ms"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.serve import ServeAppArgs, build_application
+from app.serve import ServeAppArgs, build_application, load_serve_config
 from app.store import (
     Lake,
     load_dataset,
@@ -28,6 +28,7 @@ TOKEN_ENV = "SCALEREC_TEST_ADMIN_TOKEN"
 TOKEN = "s3cret-test-token"
 NAME = "tiny-mf"
 TIMEOUT = 30
+LOCAL_YAML = Path(__file__).parents[2] / "serve_configs" / "local.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,12 @@ def served(ray_cluster: None, lake_with_models: tuple[Lake, list[str]]) -> Itera
     lake, _ = lake_with_models
     os.environ[TOKEN_ENV] = TOKEN
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # The fast path that serve_configs/local.yaml turns on: HAProxy and direct ingress.
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        proxy_location="HeadOnly",
+        controller_options=load_serve_config(LOCAL_YAML).controller_options,
+    )
     args = ServeAppArgs(
         lake=lake.uri,
         name=NAME,
