@@ -100,6 +100,8 @@ async def run_open_loop(
             async with session.get(url + path) as r:
                 await r.read()
                 status = str(r.status)
+                if r.status == 503 and "Retry-After" not in r.headers:
+                    status = "503 without Retry-After"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             status = type(exc).__name__
         finally:

@@ -51,6 +51,9 @@ class ServeAppArgs(ServeArgs):
     ``Ranker`` deployments: no handle hop per batch, the item table loaded once per ingress
     replica. Suits one machine (compare with ``python -m bench.serve``); keep the deployment
     graph where retrieval must scale apart from HTTP handling or the table is large."""
+    cache_max_bytes: int = Field(64 * 1024**2, ge=0)
+    """Estimated bytes of the answers in each ingress replica's cache, on top of ``cache_size``
+    (``app.serve.answers.TTLCache``; about 7 KB per answer of 10 items; 0 disables it)."""
     warm_cache: bool = False
     """Fill the answer cache at start and on reload from ``<lake>/predictions/<served version>/``
     (``python -m jobs.batch_predict``), when they exist and no ranker rule is set."""

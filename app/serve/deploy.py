@@ -12,7 +12,6 @@ its deployment options exactly as ``serve run <file>`` would.
 import json
 import time
 import urllib.request
-import uuid
 from typing import Any
 
 from ray.serve import Application
@@ -45,7 +44,6 @@ def build_application(
     ingress_args = (
         args.model_dump(mode="json"),
         version,
-        uuid.uuid4().hex[:12],
         admin_token_sha256(args.admin_token_env),
     )
     if args.colocate_scoring:  # one deployment: the ingress scores and ranks itself
@@ -86,8 +84,11 @@ def sample_request(url: str, user_id: str, k: int = 5, timeout_s: float = 60.0) 
     return answer
 
 
-def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
-    """Start Serve on the connected cluster, deploy the app, print a sample and keep serving."""
+def start(run_cfg: ServeRun) -> str:
+    """Start Serve as the config says (HTTP, proxies, controller environment), deploy the app.
+
+    Returns the application's URL; it answers once its replicas are up.
+    """
     from ray import serve
 
     serve.start(
@@ -95,9 +96,17 @@ def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
         controller_options=run_cfg.controller_options or None,
         proxy_location=run_cfg.proxy_location,
     )
+    app = build_application(run_cfg.args, run_cfg.deployments)
+    serve.run(app, name=run_cfg.name, route_prefix=run_cfg.route_prefix, blocking=False)
+    return run_cfg.url
+
+
+def run(run_cfg: ServeRun, exit_after_sample: bool = False) -> dict[str, Any]:
+    """Start Serve on the connected cluster, deploy the app, print a sample and keep serving."""
+    from ray import serve
+
     try:
-        app = build_application(run_cfg.args, run_cfg.deployments)
-        serve.run(app, name=run_cfg.name, route_prefix=run_cfg.route_prefix, blocking=False)
+        start(run_cfg)
         lake = Lake(run_cfg.args.lake)
         ds = get_record(lake, run_cfg.args.name, run_cfg.args.model).lineage["dataset"]
         user = next(iter(load_catalogue(lake, ds["name"], ds["version"]).user_index))

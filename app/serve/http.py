@@ -173,6 +173,27 @@ class ReloadRequest(BaseModel):
     model: str = Field(min_length=1, max_length=128, description="Version id, prefix or alias.")
 
 
+class ErrorDetail(BaseModel):
+    """An error other than a validation error, in words for a person."""
+
+    detail: str
+
+
+ERROR_DESCRIPTIONS = {
+    400: "The body is not valid JSON.",
+    401: "No bearer token.",
+    403: "Wrong token, or admin is disabled.",
+    404: "Unknown item, model version or alias (or no such path).",
+    413: "The body, or its list of events, is too large.",
+    503: "Overloaded: retry after the seconds in Retry-After.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route for these error statuses (each an ``ErrorDetail``)."""
+    return {c: {"model": ErrorDetail, "description": ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
 class ReloadResponse(BaseModel):
     """Result of a reload."""
 

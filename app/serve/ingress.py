@@ -2,7 +2,10 @@
 
 The ingress checks each request's input, answers from ``Answers`` (cache, else ``Scoring``),
 appends events to the shared log and follows the serving pointer, so that a reload on one
-replica switches every replica without failing a request.
+replica switches every replica without failing a request. The pointer is keyed by the Serve
+application name, so a reload outlives rebuilds and replica restarts; each replica also keeps
+a heartbeat naming the version it serves, so registry deletion (``app.store.delete_version``)
+refuses versions a live app uses.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI and Serve read these annotations at
@@ -36,6 +39,7 @@ from app.serve.http import (
     SimilarResponse,
     admin_token_sha256,
     authorize,
+    error_responses,
     invalid,
     validation_error,
 )
@@ -49,7 +53,7 @@ from app.serve.store import (
     ServingPointer,
     event_id,
 )
-from app.store import Lake, RegistryError, resolve
+from app.store import Heartbeat, Lake, RegistryError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +102,8 @@ class Ingress:
 
     Args:
         args: ``ServeAppArgs`` as a JSON-able dict.
-        version: Model version to serve until the serving pointer names another.
-        app_id: Id of the deployed application (names its serving pointer).
+        version: Model version to serve until the serving pointer names another (the
+            pointer and the heartbeat are named after the replica's Serve application).
         token_sha256: Hash of the admin token the builder found; the replica's own
             environment wins.
         retriever: Handle of the Retriever deployment; None scores in this replica.
@@ -110,7 +114,6 @@ class Ingress:
         self,
         args: dict[str, Any],
         version: str,
-        app_id: str,
         token_sha256: str | None,
         retriever: DeploymentHandle | None = None,
         ranker: DeploymentHandle | None = None,
@@ -128,7 +131,9 @@ class Ingress:
             recommend=self._recommend_json,
         )
         self.catalogues = Catalogues(self.lake, self.args.name)
-        self.pointer = ServingPointer(self.lake, self.args.name, app_id, self.args.pointer_poll_s)
+        ctx = serve.get_replica_context()
+        app_name = ctx.app_name
+        self.pointer = ServingPointer(self.lake, self.args.name, app_name, self.args.pointer_poll_s)
         self.state = self.catalogues.load_at_start(self.pointer.read(), version)
         self.events = EventLog(self.lake, self.state.catalogue.dataset, self.args.pointer_poll_s)
         self.events.refresh(force=True)
@@ -137,6 +142,21 @@ class Ingress:
         self._failed: tuple[str | None, float] = (None, 0.0)  # a version that failed, until
         self.metrics.set_version(self.state.version)
         self.answers.warm(self.lake, self.state)
+        # Written now and then from its own thread: an idle replica stays live too.
+        self.heartbeat = Heartbeat(
+            self.lake,
+            self.args.name,
+            app_name,
+            ctx.replica_id.unique_id,
+            lambda: self.state.version,
+        )
+        self.heartbeat.start()
+
+    def __del__(self) -> None:
+        """On a graceful stop (Serve calls this), drop the heartbeat: the version is unused here."""
+        heartbeat = getattr(self, "heartbeat", None)  # None when __init__ failed before it
+        if heartbeat is not None:
+            heartbeat.stop()
 
     # -- served version -------------------------------------------------------------------
 
@@ -160,6 +180,7 @@ class Ingress:
             await asyncio.to_thread(self.answers.warm, self.lake, state)
             self.state = state
             self.metrics.set_version(state.version)
+            self.heartbeat.beat()
         except Exception:  # keep serving the old version; retry a while later, not per request
             log.exception("could not switch to %s; next try in %.0f s", version, SWITCH_RETRY_S)
             self._failed = (version, time.monotonic() + SWITCH_RETRY_S)
@@ -204,14 +225,20 @@ class Ingress:
         answer = await self._recommend(user_id, k, [], [], False)
         return _body(answer)
 
-    @api.get("/recommend/{user_id}", response_model=RecommendResponse)
+    @api.get(
+        "/recommend/{user_id}",
+        response_model=RecommendResponse,
+        responses=error_responses(404, 503),
+    )
     async def recommend_get(
         self, user_id: str, k: int | None = Query(None, description="List length.")
     ) -> Response:
         """Top-k items for a user; unknown users get popular items."""
         return _json(await self._recommend_json(user_id, k))
 
-    @api.post("/recommend", response_model=RecommendResponse)
+    @api.post(
+        "/recommend", response_model=RecommendResponse, responses=error_responses(400, 413, 503)
+    )
     async def recommend_post(self, body: RecommendRequest) -> Response:
         """Top-k items for a user or an anonymous context, with optional exclusions."""
         answer = await self._recommend(
@@ -219,7 +246,9 @@ class Ingress:
         )
         return _json(_body(answer))
 
-    @api.get("/similar/{item_id}", response_model=SimilarResponse)
+    @api.get(
+        "/similar/{item_id}", response_model=SimilarResponse, responses=error_responses(404, 503)
+    )
     async def similar(self, item_id: str, k: int | None = Query(None)) -> Response:
         """Items most similar to ``item_id``."""
         state = self._sync()
@@ -228,7 +257,12 @@ class Ingress:
             raise HTTPException(404, f"unknown item id {item_id!r}")
         return _json(_body(await self.answers.similar(state, item_id, k)))
 
-    @api.post("/events", status_code=202, response_model=EventsResponse)
+    @api.post(
+        "/events",
+        status_code=202,
+        response_model=EventsResponse,
+        responses=error_responses(400, 413, 503),
+    )
     async def post_events(self, body: EventsRequest) -> EventsResponse:
         """Append user actions durably; the next recommendation for those users reflects them."""
         if len(body.events) > self.args.max_events:
@@ -274,7 +308,7 @@ class Ingress:
             history_versions={u: self.events.version(u) for u in users},
         )
 
-    @api.get("/healthz", response_model=HealthResponse)
+    @api.get("/healthz", response_model=HealthResponse, responses=error_responses(503))
     async def healthz(self) -> HealthResponse:
         """Liveness and the served model version."""
         state = self._sync()
@@ -285,7 +319,11 @@ class Ingress:
             dataset_version=state.catalogue.version,
         )
 
-    @api.post("/admin/reload", response_model=ReloadResponse)
+    @api.post(
+        "/admin/reload",
+        response_model=ReloadResponse,
+        responses=error_responses(400, 401, 403, 404, 413, 503),
+    )
     async def reload(
         self, body: ReloadRequest, authorization: str | None = Header(None)
     ) -> ReloadResponse:
@@ -302,5 +340,6 @@ class Ingress:
         await asyncio.to_thread(self.answers.warm, self.lake, state)
         self.state = state
         self.metrics.set_version(version)
+        self.heartbeat.beat()
         log.info("reloaded %s: %s -> %s", self.args.name, previous, version)
         return ReloadResponse(previous=previous, version=version)

@@ -8,8 +8,9 @@
 - ``Catalogues``: the catalogue of each served model version (``ServedVersion``), loaded once per
   dataset version.
 - ``ServingPointer``: the model version the application serves, in
-  ``<lake>/serving/<name>/<app id>.json``; ``POST /admin/reload`` rewrites it and every replica
-  follows.
+  ``<lake>/serving/<name>/<app name>.json`` (``app.store.pointer_rel``); ``POST /admin/reload``
+  rewrites it and every replica follows. It is keyed by the Serve application name, so a
+  reload outlives rebuilds of the application and restarts of its replicas.
 
 On a local (or NFS) lake, replicas check the log and the pointer on every request (one
 ``scandir``/``stat``, cheap next to a request). On S3 each event batch is its own object and
@@ -44,6 +45,7 @@ from app.store import (
     ModelRecord,
     get_record,
     load_dataset,
+    pointer_rel,
 )
 
 log = logging.getLogger(__name__)
@@ -319,11 +321,11 @@ class EventLog:
 
 
 class ServingPointer:
-    """The served model version of one deployed application, shared by all its replicas."""
+    """The served model version of one application (by Serve app name), shared by its replicas."""
 
-    def __init__(self, lake: Lake, name: str, app_id: str, poll_s: float = 1.0) -> None:
+    def __init__(self, lake: Lake, name: str, app_name: str, poll_s: float = 1.0) -> None:
         self.lake = lake
-        self.rel = posixpath.join("serving", name, f"{app_id}.json")
+        self.rel = pointer_rel(name, app_name)
         self.poll_s = poll_s
         self._stamp: tuple[int, int] | None = None
         self._last_poll = 0.0

@@ -1,5 +1,8 @@
 """Storage: the lake, versioned publishing, dataset versions, the model registry, predictions.
 
+``usage`` says who uses a model version (aliases, serving pointers, live apps) and deletes
+unused ones.
+
 Everything a stage reads or writes goes through a ``Lake``; every versioned folder is published
 with ``Lake.publish`` (files first, manifest last) and found with ``Lake.resolve_version``.
 """
@@ -61,14 +64,31 @@ from app.store.registry import (
     resolve,
     update_metrics,
 )
+from app.store.usage import (
+    HEARTBEAT_S,
+    LIVE_S,
+    Heartbeat,
+    VersionInUse,
+    delete_version,
+    deletions,
+    heartbeat_rel,
+    pointer_rel,
+    serving_root,
+    usage_table,
+    users,
+    users_by_version,
+    write_heartbeat,
+)
 
 __all__ = [
     "ALIASES",
     "GATE_METRIC",
     "GENRES",
+    "HEARTBEAT_S",
     "INTERACTION_SCHEMA",
     "ITEM_ID",
     "ITEM_IDX",
+    "LIVE_S",
     "MANIFEST",
     "PREDICTIONS",
     "PREDICTION_SCHEMA",
@@ -78,6 +98,7 @@ __all__ = [
     "USER_IDX",
     "WEIGHT",
     "DatasetVersion",
+    "Heartbeat",
     "Interactions",
     "Lake",
     "LakeError",
@@ -85,13 +106,17 @@ __all__ = [
     "ModelRecord",
     "PromotionRefused",
     "RegistryError",
+    "VersionInUse",
     "WriteFiles",
     "aliases",
     "as_lake",
     "content_id",
     "datasets_root",
+    "delete_version",
+    "deletions",
     "filesystem_for",
     "get_record",
+    "heartbeat_rel",
     "list_datasets",
     "list_versions",
     "load_dataset",
@@ -99,6 +124,7 @@ __all__ = [
     "load_predictions",
     "load_weights",
     "models_root",
+    "pointer_rel",
     "predictions_rel",
     "promote",
     "promotions",
@@ -107,9 +133,14 @@ __all__ = [
     "registry_name",
     "resolve",
     "s3_storage_options",
+    "serving_root",
     "sha256_file",
     "update_metrics",
+    "usage_table",
+    "users",
+    "users_by_version",
     "utc_now",
     "write_dataset",
+    "write_heartbeat",
     "write_predictions",
 ]

@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from serving import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -54,7 +49,7 @@ def _tiny_config(folder: Path) -> Path:
     ],
 )
 def test_pipeline_stops_on_signal(tmp_path: Path, phase: str, sig: int, code: int) -> None:
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "pipeline.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)

@@ -6,7 +6,6 @@ The pieces that need neither Ray nor a server are tested in tests/unit/serve/.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from serving import start_fast_serve, wait_healthy
 
-from app.serve import ServeAppArgs, build_application, load_serve_config
+from app.serve import ServeAppArgs, build_application
 from app.store import (
     Lake,
     load_dataset,
@@ -38,25 +38,13 @@ def lake_with_models(serve_lake) -> tuple[Lake, list[str]]:
     return serve_lake.lake, serve_lake.versions
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(ray_cluster: None, lake_with_models: tuple[Lake, list[str]]) -> Iterator[str]:
     from ray import serve
 
     lake, _ = lake_with_models
     os.environ[TOKEN_ENV] = TOKEN
-    port = _free_port()
-    # The fast path that serve_configs/local.yaml turns on: HAProxy and direct ingress.
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        proxy_location="HeadOnly",
-        controller_options=load_serve_config(LOCAL_YAML).controller_options,
-    )
+    url = start_fast_serve()  # the fast path of serve_configs/local.yaml
     args = ServeAppArgs(
         lake=lake.uri,
         name=NAME,
@@ -73,8 +61,7 @@ def served(ray_cluster: None, lake_with_models: tuple[Lake, list[str]]) -> Itera
     ingress = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": NICE_0}}}
     app = build_application(args, {"Ingress": ingress, "Retriever": small, "Ranker": small})
     serve.run(app, name="scalerec-test", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url)
+    wait_healthy(url)
     yield url
     serve.delete("scalerec-test")
     serve.shutdown()
@@ -98,18 +85,6 @@ def test_ingress_runs_at_normal_priority(served: str) -> None:
             if f"ServeReplica:scalerec-test:{name}" in title:
                 nice[name] = os.getpriority(os.PRIO_PROCESS, int(proc.name))
     assert nice == {"Ingress": 0, "Retriever": 15}
-
-
-def _wait_healthy(url: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}/healthz not ready after {timeout}s")
 
 
 def _get(url: str, path: str, **kw: object) -> requests.Response:
@@ -388,7 +363,7 @@ def test_autoscaling_up_and_down(served: str, lake_with_models: tuple[Lake, list
         dep = serve.status().applications["scalerec-auto"].deployments["Ingress"]
         return int(dep.replica_states.get("RUNNING", 0))
 
-    _wait_healthy(f"{served}/auto")
+    wait_healthy(f"{served}/auto")
     stop = threading.Event()
 
     def load() -> None:
@@ -443,7 +418,7 @@ def test_colocated_scoring_answers_like_the_deployment_graph(
     app = build_application(args, {"Ingress": small})
     serve.run(app, name="scalerec-colocated", route_prefix="/co", blocking=False)
     try:
-        _wait_healthy(f"{served}/co")
+        wait_healthy(f"{served}/co")
         status = serve.status().applications["scalerec-colocated"]
         assert set(status.deployments) == {"Ingress"}  # no Retriever / Ranker replicas
         personal = {}

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,13 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from serving import free_port
 
 ROOT = Path(__file__).parents[2]
 LOOPBACK = {"127.0.0.1", "[::1]", "::1"}
 HAPROXY_ADMIN_PORTS = {8404, 9101}
 DIRECT_INGRESS_PORTS = range(30000, 31001)  # Serve's default replica HTTP port range
 FALLBACK_PROXY_PORT = 8500
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listeners() -> list[tuple[str, int, str]]:
@@ -58,7 +52,7 @@ def local_yaml_run(serve_lake, tmp_path: Path):
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2)")
     cfg = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     cfg["http_options"]["port"] = port
     cfg["applications"][0]["args"].update(lake=serve_lake.lake.uri, name="tiny-mf")
     path = tmp_path / "local.yaml"

@@ -23,9 +23,18 @@ def test_serve_configs_validate(path: str) -> None:
     expected = {"Ingress"} if run.args.colocate_scoring else {"Ingress", "Retriever", "Ranker"}
     assert set(run.deployments) == expected
     for name in sorted(expected - {"Ranker"}):
-        auto = run.deployments[name]["autoscaling_config"]
-        assert auto["min_replicas"] <= auto["max_replicas"]
-        assert run.deployments[name]["max_ongoing_requests"] > auto["target_ongoing_requests"]
+        options = run.deployments[name]
+        auto = options.get("autoscaling_config")
+        if auto is None:  # one machine: a fixed replica count
+            assert options["num_replicas"] >= 1
+        else:
+            assert auto["min_replicas"] <= auto["max_replicas"]
+            assert options["max_ongoing_requests"] > auto["target_ongoing_requests"]
+    ingress = run.deployments["Ingress"]  # overload: a bounded queue, then 503 + Retry-After
+    assert ingress["max_queued_requests"] >= 1
+    assert ingress["backpressure_config"]["status_code"] == 503
+    assert ingress["backpressure_config"]["retry_after_s"] >= 1
+    assert run.http_options["request_timeout_s"] > 0
     for options in run.deployments.values():  # serving at normal CPU priority
         env = options["ray_actor_options"]["runtime_env"]["env_vars"]
         assert env.get("RAY_worker_niceness") == NICE_0["RAY_worker_niceness"]
@@ -72,3 +81,11 @@ def test_invalid_args_name_the_file(tmp_path: Path) -> None:
         load_serve_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_serve_config(tmp_path / "missing.yaml")
+
+
+def test_local_yaml_starts_the_fast_path_with_the_installed_launcher() -> None:
+    run = load_serve_config(ROOT / "serve_configs/local.yaml")
+    env = run.controller_options["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("scalerec-haproxy")
+    assert run.proxy_location == "HeadOnly" and run.http_options["host"] == "127.0.0.1"

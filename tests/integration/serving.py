@@ -1,0 +1,47 @@
+"""Helpers shared by the tests that start Serve: a free loopback port, waiting for /healthz."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import requests
+
+LOCAL_YAML = Path(__file__).parents[2] / "serve_configs" / "local.yaml"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, timeout: float = 90.0) -> None:
+    """Wait (bounded) until ``{url}/healthz`` answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz not ready after {timeout}s")
+
+
+def start_fast_serve() -> str:
+    """``serve.start`` on a free loopback port with serve_configs/local.yaml's fast path
+    (HAProxy, direct ingress, its controller environment); returns the base URL."""
+    from ray import serve
+
+    from app.serve import load_serve_config
+
+    port = free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        proxy_location="HeadOnly",
+        controller_options=load_serve_config(LOCAL_YAML).controller_options,
+    )
+    return f"http://127.0.0.1:{port}"
