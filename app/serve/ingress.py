@@ -134,7 +134,8 @@ class Ingress:
         ctx = serve.get_replica_context()
         app_name = ctx.app_name
         self.pointer = ServingPointer(self.lake, self.args.name, app_name, self.args.pointer_poll_s)
-        self.state = self.catalogues.load_at_start(self.pointer.read(), version)
+        self.configured = version
+        self.state = self.catalogues.load_at_start(self.pointer.follow(version), version)
         self.events = EventLog(self.lake, self.state.catalogue.dataset, self.args.pointer_poll_s)
         self.events.refresh(force=True)
         self.answers = Answers(self.args, self.scoring, self.events, self.metrics)
@@ -336,7 +337,13 @@ class Ingress:
         # Load the model before anyone asks for it (each retriever call lands on some replica;
         # the others load on first use, which delays but never fails).
         await self.scoring.warm(version, calls=4)
-        await asyncio.to_thread(self.pointer.write, version, previous=previous, ref=body.model)
+        await asyncio.to_thread(
+            self.pointer.write,
+            version,
+            previous=previous,
+            ref=body.model,
+            configured=self.configured,
+        )
         await asyncio.to_thread(self.answers.warm, self.lake, state)
         self.state = state
         self.metrics.set_version(version)

@@ -331,6 +331,26 @@ class ServingPointer:
         self._last_poll = 0.0
         self._value: dict[str, Any] | None = None
 
+    def follow(self, configured: str) -> str | None:
+        """The version a starting replica follows: the pointer's, unless the config moved on.
+
+        A reload records the version the config named then (``configured``). When a new
+        deployment's config names another version, that deployment is a deliberate change
+        and wins: the pointer is reset to it, so replicas do not switch back.
+        """
+        pointed = self.read()
+        recorded = (self._value or {}).get("configured")
+        if pointed is None or recorded in (None, configured):
+            return pointed
+        log.info(
+            "the config now names %s (the reload to %s was made under %s): serving the config",
+            configured,
+            pointed,
+            recorded,
+        )
+        self.write(configured, configured=configured, reason="config changed")
+        return configured
+
     def write(self, version: str, **info: Any) -> None:
         """Point every replica at ``version`` (atomic write)."""
         self.lake.write_json(self.rel, {"version": version, "time": time.time(), **info})
