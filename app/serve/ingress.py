@@ -140,6 +140,8 @@ class Ingress:
         self.events.refresh(force=True)
         self.answers = Answers(self.args, self.scoring, self.events, self.metrics)
         self._switching: asyncio.Task[None] | None = None
+        self._polling: asyncio.Task[None] | None = None
+        self._next_poll = 0.0
         self._failed: tuple[str | None, float] = (None, 0.0)  # a version that failed, until
         self.metrics.set_version(self.state.version)
         self.answers.warm(self.lake, self.state)
@@ -162,8 +164,34 @@ class Ingress:
     # -- served version -------------------------------------------------------------------
 
     def _sync(self) -> ServedVersion:
-        """Follow the serving pointer (switch in the background) and tail the event log."""
-        wanted = self.pointer.read()
+        """Follow the serving pointer (switch in the background) and tail the event log.
+
+        On a local lake that is a few ``stat`` calls, done inline. On a remote one (S3) it is
+        network I/O, so it runs in a worker thread at most every ``pointer_poll_s``, one poll
+        at a time, while requests go on with what the last poll saw.
+        """
+        if self.lake.is_local:
+            self._follow(self.pointer.read())
+            self.events.refresh()
+        elif self._polling is None and time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.args.pointer_poll_s
+            self._polling = asyncio.get_running_loop().create_task(self._poll_remote())
+        return self.state
+
+    async def _poll_remote(self) -> None:
+        def poll() -> str | None:
+            wanted = self.pointer.read()
+            self.events.refresh()
+            return wanted
+
+        try:
+            self._follow(await asyncio.to_thread(poll))
+        except Exception:  # a lake hiccup: serve what is loaded, poll again later
+            log.warning("could not poll the serving pointer or the event log", exc_info=True)
+        finally:
+            self._polling = None
+
+    def _follow(self, wanted: str | None) -> None:
         if (
             wanted
             and wanted != self.state.version
@@ -171,8 +199,6 @@ class Ingress:
             and not (wanted == self._failed[0] and time.monotonic() < self._failed[1])
         ):
             self._switching = asyncio.get_running_loop().create_task(self._switch(wanted))
-        self.events.refresh()
-        return self.state
 
     async def _switch(self, version: str) -> None:
         try:
