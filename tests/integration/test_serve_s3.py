@@ -50,6 +50,7 @@ def test_reload_and_events_on_an_s3_lake(ray_cluster, serve_lake, s3_bucket) -> 
         admin_token_env=TOKEN_ENV,
         pointer_poll_s=0.2,
         cache_size=0,
+        colocate_scoring=True,  # one deployment, as serve_configs/local.yaml
     )
     options = {
         "ray_actor_options": {
