@@ -179,9 +179,9 @@ class Ingress:
         return self.state
 
     async def _poll_remote(self) -> None:
-        def poll() -> str | None:
-            wanted = self.pointer.read()
-            self.events.refresh()
+        def poll() -> str | None:  # paced here, so neither skips a poll by its own clock
+            wanted = self.pointer.read(force=True)
+            self.events.refresh(force=True)
             return wanted
 
         try:

@@ -356,8 +356,12 @@ class ServingPointer:
         self.lake.write_json(self.rel, {"version": version, "time": time.time(), **info})
         self._stamp = None
 
-    def read(self) -> str | None:
-        """The version the pointer names, or None before the first reload."""
+    def read(self, force: bool = False) -> str | None:
+        """The version the pointer names, or None before the first reload.
+
+        A remote pointer is fetched at most every ``poll_s`` unless ``force`` (the caller
+        paces its polls itself).
+        """
         if self.lake.is_local:
             try:
                 st = os.stat(self.lake.path(self.rel))
@@ -367,7 +371,7 @@ class ServingPointer:
             if stamp != self._stamp:
                 self._value = self.lake.read_json(self.rel)
                 self._stamp = stamp
-        elif time.monotonic() - self._last_poll >= self.poll_s or self._stamp is None:
+        elif force or time.monotonic() - self._last_poll >= self.poll_s or self._stamp is None:
             self._last_poll = time.monotonic()
             self._value = self.lake.read_json(self.rel) if self.lake.exists(self.rel) else None
             self._stamp = (0, 0)
