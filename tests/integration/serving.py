@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -45,3 +46,21 @@ def start_fast_serve() -> str:
         controller_options=load_serve_config(LOCAL_YAML).controller_options,
     )
     return f"http://127.0.0.1:{port}"
+
+
+def small_app_args(lake_uri: str, name: str, token_env: str) -> Any:
+    """``ServeAppArgs`` of the app test_serve.py runs and test_serve_fuzz.py fuzzes: small
+    limits (k, body, events) so that tests reach them, the cache on, one genre cap."""
+    from app.serve import ServeAppArgs
+
+    return ServeAppArgs(
+        lake=lake_uri,
+        name=name,
+        model="production",
+        admin_token_env=token_env,
+        max_k=20,
+        max_per_genre=3,
+        max_body_bytes=8 * 1024,
+        max_events=50,
+        cache_size=1000,
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from serving import start_fast_serve, wait_healthy
+from serving import small_app_args, start_fast_serve, wait_healthy
 
 from app.serve import ServeAppArgs, build_application
 from app.store import (
@@ -45,17 +45,7 @@ def served(ray_cluster: None, lake_with_models: tuple[Lake, list[str]]) -> Itera
     lake, _ = lake_with_models
     os.environ[TOKEN_ENV] = TOKEN
     url = start_fast_serve()  # the fast path of serve_configs/local.yaml
-    args = ServeAppArgs(
-        lake=lake.uri,
-        name=NAME,
-        model="production",
-        admin_token_env=TOKEN_ENV,
-        max_k=20,
-        max_per_genre=3,
-        max_body_bytes=8 * 1024,
-        max_events=50,
-        cache_size=1000,
-    )
+    args = small_app_args(lake.uri, NAME, TOKEN_ENV)
     small = {"ray_actor_options": {"num_cpus": 0.25}}
     # As in serve_configs/: the ingress at normal CPU priority, the others at Ray's nice 15.
     ingress = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": NICE_0}}}

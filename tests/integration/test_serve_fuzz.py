@@ -36,9 +36,9 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from serving import start_fast_serve, wait_healthy
+from serving import small_app_args, start_fast_serve, wait_healthy
 
-from app.serve import ServeAppArgs, build_application
+from app.serve import build_application
 
 APP = "scalerec-fuzz"
 TOKEN_ENV = "SCALEREC_FUZZ_ADMIN_TOKEN"
@@ -64,17 +64,7 @@ def target(ray_cluster: None, serve_lake) -> Iterator[Target]:
 
     os.environ[TOKEN_ENV] = TOKEN
     url = start_fast_serve()  # the fast path of serve_configs/local.yaml
-    args = ServeAppArgs(
-        lake=serve_lake.lake.uri,
-        name=serve_lake.name,
-        model="production",
-        admin_token_env=TOKEN_ENV,
-        max_k=20,
-        max_per_genre=3,
-        max_body_bytes=8 * 1024,
-        max_events=50,
-        cache_size=1000,
-    )
+    args = small_app_args(serve_lake.lake.uri, serve_lake.name, TOKEN_ENV)
     small = {"ray_actor_options": {"num_cpus": 0.25}}
     app = build_application(args, {"Ingress": small, "Retriever": small, "Ranker": small})
     serve.run(app, name=APP, route_prefix="/", blocking=False)
