@@ -11,14 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MOVIELENS_VARIANTS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-20m", "ml-25m")
 
@@ -243,6 +236,23 @@ class TuneArgs(_Args):
     """Alias to point at the refit best model."""
 
 
+class EventsArgs(_Args):
+    """The online store of live events (``app.events``), read by serving and by ingest."""
+
+    backend: Literal["embedded", "redis"] = "embedded"
+    """``embedded``: a log in the lake, no extra server; ``redis``: a Redis server (AOF on)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis server of the ``redis`` backend."""
+    history_cap: int = Field(200, ge=1)
+    """Live events kept per user (the latest); all stay in the log for ingest."""
+    dedupe_window: int = Field(1000, ge=1)
+    """Embedded: event ids remembered per user (a retry within the window dedupes)."""
+    dedupe_ttl_s: float = Field(7 * 86_400.0, gt=0.0)
+    """Redis: how long an event id is remembered for idempotency."""
+    types: list[str] = ["interaction", "view", "click", "cart", "purchase", "rating"]
+    """Event types ``POST /events`` accepts; others are rejected entry by entry (422)."""
+
+
 class ServeArgs(_Args):
     """Ray Serve application settings.
 
@@ -254,6 +264,8 @@ class ServeArgs(_Args):
 
     model: str = "production"
     """Registry version or alias to serve."""
+    events: EventsArgs = EventsArgs()
+    """The online store of live events."""
     host: str = "127.0.0.1"
     """HTTP host (a Serve config's ``http_options`` win over its ``args``)."""
     port: int = Field(8000, ge=1, le=65535)

@@ -35,7 +35,6 @@ _EXPORTS = {
     "Retriever": "retriever",
     "top_k_dot": "retriever",
     "Catalogue": "store",
-    "EventLog": "store",
     "ServingPointer": "store",
     "load_catalogue": "store",
 }
@@ -51,7 +50,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Candidates",
     "Catalogue",
-    "EventLog",
     "Ingress",
     "Query",
     "Ranker",

@@ -29,11 +29,12 @@ from app.serve.http import ItemScore, RecommendResponse, SimilarResponse
 from app.store import MANIFEST, Lake, predictions_rel, read_predictions
 
 if TYPE_CHECKING:
+    from app.events import OnlineStore
     from app.serve.args import ServeAppArgs
     from app.serve.metrics import ServeMetrics
     from app.serve.retriever import Candidates
     from app.serve.scoring import Scoring
-    from app.serve.store import Catalogue, EventLog, ServedVersion
+    from app.serve.store import Catalogue, ServedVersion
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ class Answers:
     """
 
     def __init__(
-        self, args: ServeAppArgs, scoring: Scoring, events: EventLog, metrics: ServeMetrics
+        self, args: ServeAppArgs, scoring: Scoring, events: OnlineStore, metrics: ServeMetrics
     ) -> None:
         self.args = args
         self.scoring = scoring

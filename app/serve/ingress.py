@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.events import event_id, open_store
 from app.serve import http as guard
 from app.serve.answers import Answers
 from app.serve.args import ServeAppArgs
@@ -45,14 +46,7 @@ from app.serve.http import (
 )
 from app.serve.metrics import ServeMetrics
 from app.serve.scoring import Scoring
-from app.serve.store import (
-    Catalogue,
-    Catalogues,
-    EventLog,
-    ServedVersion,
-    ServingPointer,
-    event_id,
-)
+from app.serve.store import Catalogue, Catalogues, ServedVersion, ServingPointer
 from app.store import Heartbeat, Lake, RegistryError, resolve
 
 log = logging.getLogger(__name__)
@@ -136,7 +130,8 @@ class Ingress:
         self.pointer = ServingPointer(self.lake, self.args.name, app_name, self.args.pointer_poll_s)
         self.configured = version
         self.state = self.catalogues.load_at_start(self.pointer.follow(version), version)
-        self.events = EventLog(self.lake, self.state.catalogue.dataset, self.args.pointer_poll_s)
+        cat = self.state.catalogue
+        self.events = open_store(self.lake, cat.dataset, self.args.events, cat.events_cursor)
         self.events.refresh(force=True)
         self.answers = Answers(self.args, self.scoring, self.events, self.metrics)
         self._switching: asyncio.Task[None] | None = None
@@ -298,20 +293,19 @@ class Ingress:
             )
         cat = self._sync().catalogue
         unknown = set(cat.unknown_items([e.item_id for e in body.events]))
-        if unknown:
-            # which entries failed, so a client can drop them and post the rest again
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "value_error",
-                        "loc": ("body", "events", i, "item_id"),
-                        "msg": "unknown item id",
-                        "input": e.item_id,
-                    }
-                    for i, e in enumerate(body.events)
-                    if e.item_id in unknown
-                ][:50]
+        types = self.args.events.types
+        # which entries failed, so a client can drop them and post the rest again
+        failed = [
+            {"type": "value_error", "loc": ("body", "events", i, field), "msg": msg, "input": v}
+            for i, e in enumerate(body.events)
+            for field, v, msg in (
+                ("item_id", e.item_id, "unknown item id"),
+                ("event", e.event, f"unknown event type; one of {', '.join(types)}"),
             )
+            if (field == "item_id" and v in unknown) or (field == "event" and v not in types)
+        ]
+        if failed:
+            raise RequestValidationError(failed[:50])
         now = time.time()
         rows = [
             {
@@ -326,7 +320,13 @@ class Ingress:
             }
             for e in body.events
         ]
-        new = await asyncio.to_thread(self.events.append, rows)
+        try:
+            new = await asyncio.to_thread(self.events.append, rows)
+        except OSError as exc:  # not durable, so not acknowledged: the client retries
+            log.error("could not log %d events: %s", len(rows), exc)
+            raise HTTPException(
+                503, "the event store is unavailable; retry", headers={"Retry-After": "1"}
+            ) from None
         self.metrics.count("events", new)
         users = dict.fromkeys(e.user_id for e in body.events)
         return EventsResponse(

@@ -1,10 +1,6 @@
 """Online store of the serving stage: id maps, user histories, live events and the model pointer.
 
 - ``Catalogue``: one dataset version's id maps, known interactions (all splits) and popularity.
-- ``EventLog``: ``POST /events`` appends JSON lines durably under ``<lake>/events/<dataset>/``
-  (fsync'ed before the 202) and every ingress replica tails the same log, so the next
-  ``/recommend`` on any replica sees them. Each user's *history version* is the number of their
-  events in the log, which is part of the answer cache key.
 - ``Catalogues``: the catalogue of each served model version (``ServedVersion``), loaded once per
   dataset version.
 - ``ServingPointer``: the model version the application serves, in
@@ -12,23 +8,16 @@
   rewrites it and every replica follows. It is keyed by the Serve application name, so a
   reload outlives rebuilds of the application and restarts of its replicas.
 
-On a local (or NFS) lake, replicas check the log and the pointer on every request (one
-``scandir``/``stat``, cheap next to a request). On S3 each event batch is its own object and
-replicas poll every ``pointer_poll_s``; the replica that accepted the events sees them at once.
+On a local (or NFS) lake, replicas check the pointer on every request (one ``stat``); on S3
+they poll it every ``pointer_poll_s``. Live events are the online store's (``app.events``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
-import hashlib
-import json
 import logging
 import os
-import posixpath
-import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +56,9 @@ class Catalogue:
     popularity: np.ndarray
     """Interaction count per item, as float32 scores for popularity answers."""
     genres: list[list[str]]
+    events_cursor: dict[str, Any] | None = None
+    """Where this version's ingest stopped reading the event log (``data.source: events``):
+    the live events before it are in ``history`` already."""
 
     @property
     def n_items(self) -> int:
@@ -115,6 +107,7 @@ def load_catalogue(lake: Lake, dataset: str, version: str) -> Catalogue:
         popular=popular,
         popularity=counts,
         genres=ds.item_genres() or [[] for _ in range(ds.n_items)],
+        events_cursor=ds.manifest.get("events_cursor"),
     )
 
 
@@ -185,139 +178,6 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def event_id(event: dict[str, Any]) -> str:
-    """The event's own ``event_id``, else one derived from its content (user, item, type, time).
-
-    A derived id makes a retried batch dedupe; two real actions with the same content and no
-    client timestamp count once, so clients that want repeats counted send an id or a time.
-    """
-    given = event.get("event_id")
-    if given:
-        return str(given)
-    key = [event.get("user_id"), event.get("item_id"), event.get("event"), event.get("timestamp")]
-    return "c-" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
-
-
-class EventLog:
-    """Durable append-only log of user events, tailed by every ingress replica.
-
-    Delivery is at least once with dedupe by ``event_id``, so effectively once: a retried batch
-    (the client lost the 202) is appended again only where another replica raced it, and every
-    reader, on every replica and after every restart, applies an id once.
-    """
-
-    def __init__(self, lake: Lake, dataset: str, poll_s: float = 1.0) -> None:
-        self.lake = lake
-        self.rel = posixpath.join("events", dataset)
-        self.poll_s = poll_s
-        self._offsets: dict[str, int] = {}
-        self._items: dict[str, list[str]] = {}
-        self._seen_remote: set[str] = set()
-        self._ids: set[str] = set()
-        self._last_poll = 0.0
-        self._lock = threading.Lock()
-        self.n_events = 0
-
-    def version(self, user_id: str) -> int:
-        """How many events of ``user_id`` the log holds (0 for none)."""
-        return len(self._items.get(user_id, ()))
-
-    def items(self, user_id: str) -> list[str]:
-        """External item ids of the user's logged events, oldest first."""
-        return self._items.get(user_id, [])
-
-    def append(self, events: list[dict[str, Any]]) -> int:
-        """Append the events not logged yet durably (fsync on disk; one PUT on S3), apply them.
-
-        Returns:
-            How many were new; the others were in the log already (same ``event_id``).
-        """
-        # what other replicas logged (poll-gated on S3, so a POST adds no listing of its own)
-        self.refresh()
-        fresh: dict[str, dict[str, Any]] = {}
-        for e in events:
-            eid = event_id(e)
-            if eid not in self._ids:
-                fresh.setdefault(eid, {**e, "event_id": eid})
-        if not fresh:
-            return 0
-        blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in fresh.values()).encode()
-        day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-        if self.lake.is_local:
-            folder = self.lake.path(self.rel)
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(
-                posixpath.join(folder, f"{day}.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT
-            )
-            try:
-                # One write() with O_APPEND: concurrent replicas never interleave inside a batch.
-                os.write(fd, blob)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.jsonl"
-            self.lake.write_bytes(posixpath.join(self.rel, day, name), blob)
-        self.refresh(force=True)
-        return len(fresh)
-
-    def refresh(self, force: bool = False) -> None:
-        """Apply events other replicas (or this one) appended since the last call."""
-        with self._lock:
-            if self.lake.is_local:
-                self._tail_local()
-            elif force or time.monotonic() - self._last_poll >= self.poll_s:
-                self._last_poll = time.monotonic()
-                self._tail_remote()
-
-    def _apply(self, text: str) -> None:
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-                user, item = str(e["user_id"]), str(e["item_id"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a corrupt line never takes serving down
-            eid = event_id(e)
-            if eid in self._ids:
-                continue
-            self._ids.add(eid)
-            self._items.setdefault(user, []).append(item)
-            self.n_events += 1
-
-    def _tail_local(self) -> None:
-        try:
-            entries = list(os.scandir(self.lake.path(self.rel)))
-        except FileNotFoundError:
-            return
-        for entry in sorted(entries, key=lambda e: e.name):
-            if not entry.name.endswith(".jsonl"):
-                continue
-            size = entry.stat().st_size
-            done = self._offsets.get(entry.name, 0)
-            if size <= done:
-                continue
-            with open(entry.path, "rb") as f:
-                f.seek(done)
-                data = f.read(size - done)
-            end = data.rfind(b"\n") + 1  # a line still being written waits for next time
-            if end:
-                self._apply(data[:end].decode("utf-8", errors="replace"))
-                self._offsets[entry.name] = done + end
-
-    def _tail_remote(self) -> None:
-        root = self.lake.path(self.rel)
-        if not self.lake.fs.exists(root):
-            return
-        self.lake.fs.invalidate_cache(root)
-        for path in sorted(self.lake.fs.find(root)):
-            if path.endswith(".jsonl") and path not in self._seen_remote:
-                with self.lake.fs.open(path, "rb") as f:
-                    self._apply(f.read().decode("utf-8", errors="replace"))
-                self._seen_remote.add(path)
 
 
 class ServingPointer:

@@ -198,9 +198,9 @@ def test_events_reflected_and_cache_not_stale(served: str) -> None:
 def test_events_are_durable(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
     lake, _ = lake_with_models
     _post(served, "/events", json={"events": [{"user_id": "u9", "item_id": "i9"}]})
-    files = list(Path(lake.path("events", "tiny")).glob("*.jsonl"))
+    files = list(Path(lake.path("events", "tiny")).glob("*/*.log"))
     text = "".join(f.read_text() for f in files)
-    assert '"user_id": "u9"' in text and '"item_id": "i9"' in text
+    assert '"user_id":"u9"' in text and '"item_id":"i9"' in text
 
 
 def test_events_retried_after_a_lost_response_count_once(served: str) -> None:
