@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections import deque
 from typing import Any
 
 from app.config import EventsArgs
@@ -42,13 +41,14 @@ def event_id(event: dict[str, Any]) -> str:
 
 
 class _User:
-    __slots__ = ("count", "items", "ids", "id_set")
+    # Plain lists, not deques and sets: a deque allocates a 64-slot block and a set a table
+    # even for a user with one event, and most users have few.
+    __slots__ = ("count", "items", "ids")
 
-    def __init__(self, cap: int, window: int) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.items: deque[str] = deque(maxlen=cap)
-        self.ids: deque[str] = deque(maxlen=window)
-        self.id_set: set[str] = set()
+        self.items: list[str] = []
+        self.ids: list[str] = []
 
 
 class UserHistories:
@@ -67,20 +67,21 @@ class UserHistories:
     def seen(self, user_id: str, eid: str) -> bool:
         """Whether the user's recent events include ``eid``."""
         u = self._users.get(user_id)
-        return u is not None and eid in u.id_set
+        return u is not None and eid in u.ids
 
     def apply(self, user_id: str, item_id: str, eid: str) -> bool:
         """Apply one event unless its id is in the user's window; True when applied."""
         u = self._users.get(user_id)
         if u is None:
-            u = self._users[user_id] = _User(self.cap, self.window)
-        elif eid in u.id_set:
+            u = self._users[user_id] = _User()
+        elif eid in u.ids:
             return False
-        if len(u.ids) == u.ids.maxlen:
-            u.id_set.discard(u.ids[0])
         u.ids.append(eid)
-        u.id_set.add(eid)
+        if len(u.ids) > self.window:
+            del u.ids[0]
         u.items.append(item_id)
+        if len(u.items) > self.cap:
+            del u.items[0]
         u.count += 1
         self.n_events += 1
         return True
