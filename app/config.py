@@ -106,8 +106,9 @@ class DataArgs(_Args):
 
     name: str = "dataset"
     """Dataset name in the lake: ``<lake>/datasets/<name>/<version>/``."""
-    source: Literal["files", "movielens", "synthetic"] = "files"
-    """``files``: raw files at ``path``; ``movielens``: a MovieLens variant; ``synthetic``."""
+    source: Literal["files", "movielens", "synthetic", "events"] = "files"
+    """``files``: raw files at ``path``; ``movielens``: a MovieLens variant; ``synthetic``;
+    ``events``: newest version of ``name`` + events logged since (``app.ingest.events_source``)."""
     path: InputPath = ""
     """Local folder/file or ``s3://bucket/prefix`` with the raw files (or where a variant lives)."""
     format: Literal["csv", "parquet", "jsonl"] = "csv"

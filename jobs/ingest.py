@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> str:
     """Run the ingest stage and print the manifest; the last line is the manifest path."""
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
-    ds = ingest.run(cfg.data, Lake(cfg.lake), seed=cfg.seed)
+    ds = ingest.run(cfg.data, Lake(cfg.lake), seed=cfg.seed, events=cfg.serve.events)
     print(json.dumps(ds.manifest, indent=2, sort_keys=True))
     print(ingest.summary_table(ds.manifest))
     manifest_path = ds.lake.full_uri(ds.rel, MANIFEST)

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_cli(__doc__ or "", argv)
     cluster.connect(cfg.cluster)
     lake = Lake(cfg.lake)
-    ds = ingest.run(cfg.data, lake, seed=cfg.seed)
+    ds = ingest.run(cfg.data, lake, seed=cfg.seed, events=cfg.serve.events)
     print(ingest.summary_table(ds.manifest))
     record = train.run(cfg, ds)
     print(f"registered {record.name} version {record.version}")

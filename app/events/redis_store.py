@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -110,13 +110,14 @@ class RedisStore(OnlineStore):
             )
 
     def append(self, events: list[dict[str, Any]]) -> int:
-        """Apply the events whose id Redis has not seen within ``dedupe_ttl_s``; how many were."""
+        """Apply the events not seen within ``dedupe_ttl_s``; returns how many were new."""
         if not events:
             return 0
         if not self._checked:
             self._check_durability()
-        keys, argv = [self.prefix + "log"], [max(1, int(self.args.dedupe_ttl_s * 1000))]
-        argv.append(self.args.history_cap)
+        ttl_ms = max(1, int(self.args.dedupe_ttl_s * 1000))
+        keys: list[str] = [self.prefix + "log"]
+        argv: list[str | int] = [ttl_ms, self.args.history_cap]
         for e in events:
             eid = event_id(e)
             user, item = str(e["user_id"]), str(e["item_id"])
@@ -141,9 +142,10 @@ class RedisStore(OnlineStore):
     def items(self, user_id: str) -> list[str]:
         """The user's last ``history_cap`` items, oldest first."""
         try:
-            return list(self.client.lrange(f"{self.prefix}hist:{user_id}", 0, -1))
+            items = self.client.lrange(f"{self.prefix}hist:{user_id}", 0, -1)
         except redis.RedisError as exc:
             raise self._error("read a history", exc) from exc
+        return cast("list[str]", items)  # decode_responses: str, not bytes
 
     def read_since(self, cursor: Cursor | None) -> tuple[list[dict[str, Any]], Cursor]:
         """Every logged event after ``cursor`` (None: from the start) in log order, and the end.
@@ -160,7 +162,10 @@ class RedisStore(OnlineStore):
         out: list[dict[str, Any]] = []
         try:
             while True:
-                page = self.client.xrange(self.prefix + "log", start, "+", count=PAGE)
+                page = cast(
+                    "list[tuple[str, dict[str, str]]]",
+                    self.client.xrange(self.prefix + "log", start, "+", count=PAGE),
+                )
                 for entry_id, fields in page:
                     out.append(json.loads(fields["e"]))
                     last = entry_id

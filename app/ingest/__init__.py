@@ -1,8 +1,9 @@
 """Ingest: raw interaction sources -> a validated, deduplicated, split and indexed dataset version.
 
 ``run(data, lake)`` is the stage (``python -m jobs.ingest``); ``resolve_source`` finds the raw
-files (files, MovieLens, synthetic); ``summary_table`` prints a manifest's row accounting. The
-pipeline's passes are described in ``app.ingest.pipeline``.
+files (files, MovieLens, synthetic, or a version + its live events: ``app.ingest.events_source``);
+``summary_table`` prints a manifest's row accounting. The pipeline's passes are described in
+``app.ingest.pipeline``.
 """
 
 from app.ingest.errors import IngestError, SourceError

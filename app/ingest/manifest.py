@@ -1,7 +1,8 @@
 """The dataset manifest of an ingest (per-file row accounting, splits, protocol) and its summary.
 
 ``build_manifest`` refuses to publish when a file's rows do not add up: every row read is
-ingested, quarantined with a reason, or collapsed as a duplicate.
+ingested, quarantined with a reason, or collapsed as a duplicate. An ``events`` ingest also
+records ``events_cursor`` (where it stopped reading the event log) and its events' counts.
 """
 
 from __future__ import annotations
@@ -107,6 +108,32 @@ def build_manifest(
         "rows_check": "rows_read == rows_ingested + rows_quarantined + duplicates_collapsed",
         "pipeline_version": PIPELINE_VERSION,
         "warnings": warnings,
+        **_events_entries(src, files),
+    }
+
+
+def _events_entries(src: RawSource, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """``events`` source: the log cursor reached and the events' own row accounting.
+
+    The next reader of the log starts after ``events_cursor``; the events' counts are those of
+    the ``events-*`` files (the previous version's rows are the other files).
+    """
+    if src.events is None:
+        return {}
+    mine = [f for f in files if f["path"] in src.events.event_files]
+    if sum(f["rows_read"] for f in mine) != src.events.n_events:
+        raise IngestError(
+            f"read {src.events.n_events} events from the log but "
+            f"{sum(f['rows_read'] for f in mine)} rows from their files; refusing to publish"
+        )
+    return {
+        "events_cursor": src.events.end_cursor,
+        "events_start_cursor": src.events.start_cursor,
+        "events_previous_version": src.events.previous_version,
+        "events_read": src.events.n_events,
+        "events_ingested": sum(f["rows_ingested"] for f in mine),
+        "events_quarantined": sum(f["rows_quarantined"] for f in mine),
+        "events_duplicates": sum(f["duplicates_collapsed"] for f in mine),
     }
 
 

@@ -6,7 +6,8 @@ version id is a hash of the inputs' content (``fingerprint``), the ``data`` conf
 
 Passes, and what each holds in memory:
 
-0. Driver, before Ray: resolve the source (download, convert or generate once), fingerprint
+0. Driver, before Ray: resolve the source (download, convert or generate once; ``events``:
+   the previous version + the new events, ``app.ingest.events_source``), fingerprint
    every file (SHA-256 streamed in blocks, or the ETag on object stores) and read every file's
    header (``check_headers``), so that a wrong column or delimiter fails before any Ray work.
 1. Stage (one Ray Data execution): read (CSV in blocks, JSON lines in chunks, Parquet by
@@ -44,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from app.config import DataArgs
+from app.config import DataArgs, EventsArgs
 from app.ingest.errors import IngestError
 from app.ingest.idmaps import id_table, item_genres
 from app.ingest.manifest import PIPELINE_VERSION, build_manifest
@@ -100,7 +101,12 @@ class IngestProfile:
 
 
 def run(
-    data: DataArgs, lake: Lake | str, seed: int = 0, *, profile: IngestProfile | None = None
+    data: DataArgs,
+    lake: Lake | str,
+    seed: int = 0,
+    *,
+    events: EventsArgs | None = None,
+    profile: IngestProfile | None = None,
 ) -> DatasetVersion:
     """Ingest ``data`` into ``<lake>/datasets/<data.name>/<version>/`` and return the version.
 
@@ -110,6 +116,8 @@ def run(
         data: The ``data`` section of the config.
         lake: The lake (a URI is accepted too while callers move to ``Lake``).
         seed: Unused: ingest is deterministic; kept so that stages share one signature.
+        events: The online store settings (``cfg.serve.events``) for ``data.source: events``;
+            default ``EventsArgs()``.
         profile: Filled with phase timings and Ray Data stats when given (for benchmarks).
 
     Raises:
@@ -123,8 +131,13 @@ def run(
     lake = as_lake(lake)
     prof = profile if profile is not None else IngestProfile()
     with prof.phase("resolve"):
-        src = resolve_source(data, cache_dir=lake.full_uri("raw"))
+        src = resolve_source(data, cache_dir=lake.full_uri("raw"), lake=lake, events=events)
+    if src.events is not None and not src.events.n_events:
+        log.info("no event since %s/%s: nothing to add", data.name, src.events.previous_version)
+        return load_dataset(lake, data.name, src.events.previous_version)
     spec = reader_spec(src, data)
+    if src.event_weights is not None:
+        spec["event_weights"] = dict(src.event_weights)
     with prof.phase("fingerprint"):
         prints = fingerprint(src.paths)
     version = content_id(

@@ -1,13 +1,15 @@
 """Raw interaction sources: which raw files an ingest reads, and how to read them.
 
-``resolve_source(data, cache_dir)`` turns ``DataArgs`` into a ``RawSource``: a sorted list of raw
-files (local paths or ``s3://`` URIs) plus how to read them. Three kinds of source:
+``resolve_source(data, cache_dir, lake=..., events=...)`` turns ``DataArgs`` into a ``RawSource``:
+a sorted list of raw files (local paths or ``s3://`` URIs) plus how to read them. Four kinds:
 
 - ``files``: whatever lies under ``data.path`` with the format's suffix (or ``data.glob``).
 - ``movielens``: a GroupLens MovieLens variant (``app.ingest.movielens``), optionally downloaded
   and checksum-verified; the old formats are converted once under ``cache_dir``.
 - ``synthetic``: the latent-factor generator (``app.ingest.synthetic``), written once under
   ``cache_dir`` and reused.
+- ``events``: the newest version of ``data.name`` in the lake plus the live events logged since
+  it (``app.ingest.events_source``), materialised once as Parquet under ``cache_dir``.
 
 ``fingerprint(paths)`` identifies the files by content, for the dataset version id.
 """
@@ -17,13 +19,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from app.config import ColumnMap, DataArgs
+from app.config import ColumnMap, DataArgs, EventsArgs
 from app.ingest.errors import SourceError
 from app.ingest.movielens import MOVIELENS_COLUMNS, locate_movielens
 from app.ingest.synthetic import SYNTHETIC_COLUMNS, SYNTHETIC_ITEMS_FILE, cached_synthetic
-from app.store import filesystem_for, sha256_file
+from app.store import Lake, filesystem_for, sha256_file
+
+if TYPE_CHECKING:
+    from app.ingest.events_source import EventsRead
 
 RawFormat = Literal["csv", "parquet", "jsonl"]
 TimestampUnit = Literal["s", "ms", "iso"]
@@ -60,19 +65,38 @@ class RawSource:
     """Genres column of ``item_features``."""
     description: str = ""
     """Human-readable origin, e.g. "MovieLens ml-latest-small at /data/ml-latest-small"."""
+    event_weights: dict[str, float] | None = None
+    """Weight per event type, replacing ``data.event_weights`` (the ``events`` source's)."""
+    events: EventsRead | None = None
+    """``events`` source: what was read from the event log (None for other sources)."""
 
 
-def resolve_source(data: DataArgs, cache_dir: str) -> RawSource:
+def resolve_source(
+    data: DataArgs,
+    cache_dir: str,
+    *,
+    lake: Lake | None = None,
+    events: EventsArgs | None = None,
+) -> RawSource:
     """Locate (download, convert or generate as needed) the raw files that ``data`` describes.
 
     Args:
         data: The ``data`` section of the config.
-        cache_dir: Local folder for converted MovieLens files and generated synthetic data.
+        cache_dir: Folder for converted MovieLens files, generated synthetic data and
+            materialised events.
+        lake: The lake (``events`` source: its previous version and, embedded, its event log).
+        events: The online store settings (``serve.events``; default ``EventsArgs()``).
 
     Raises:
         SourceError: when the files are missing or cannot be fetched; the message names the
             config key to change.
     """
+    if data.source == "events":
+        if lake is None:
+            raise SourceError("data.source=events reads the lake: pass resolve_source(lake=...)")
+        from app.ingest.events_source import resolve_events  # it imports this module
+
+        return resolve_events(data, lake, events or EventsArgs(), cache_dir)
     if data.source == "files":
         return _resolve_files(data)
     if data.source == "movielens":

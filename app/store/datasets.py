@@ -6,7 +6,8 @@ Layout of ``<lake>/datasets/<name>/<version>/`` (written by the ingest pipeline)
   ``timestamp`` (int64, Unix seconds) and ``weight`` (float32)
 - ``users.parquet``: ``user_idx``, ``user_id`` (raw id as a string)
 - ``items.parquet``: ``item_idx``, ``item_id`` (raw id as a string), ``genres`` (list of strings)
-- ``manifest.json``: counts, schema, splits, source, config; written last (publishes the version)
+- ``manifest.json``: counts, schema, splits, source, config; written last (publishes the version);
+  ``events_cursor`` when live events were ingested into it (``DatasetVersion.events_cursor``)
 
 ``write_dataset`` publishes a version in this layout from in-memory splits (synthetic data for
 tests and benchmarks).
@@ -86,6 +87,16 @@ class DatasetVersion:
         """Number of indexed items."""
         return int(self.manifest["n_items"])
 
+    @property
+    def events_cursor(self) -> dict[str, Any] | None:
+        """Where the live events this version holds end (``data.source: events``).
+
+        None when it holds none (ingested from a raw source): a reader of the event log, the
+        next events ingest or a replica serving this version, starts at the log's beginning.
+        """
+        cursor = self.manifest.get("events_cursor")
+        return dict(cursor) if cursor else None
+
     def split_path(self, split: str) -> str:
         """Scheme-less path of a split's Parquet folder."""
         if split not in SPLITS:
@@ -162,6 +173,11 @@ def load_dataset(lake: Lake | str, name: str, version: str = "latest") -> Datase
     resolved = lake.resolve_version(root, version)
     manifest = lake.read_json(posixpath.join(root, resolved, MANIFEST))
     return DatasetVersion(lake=lake, name=name, version=resolved, manifest=manifest)
+
+
+def events_cursor(lake: Lake | str, name: str, version: str = "latest") -> dict[str, Any] | None:
+    """The ``events_cursor`` of a dataset version (None: it holds no live events)."""
+    return load_dataset(lake, name, version).events_cursor
 
 
 def list_datasets(lake: Lake | str, name: str) -> list[str]:
