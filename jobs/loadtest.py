@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ async def run_load(
     duration_s: float,
     warmup_s: float = 1.0,
     timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the closed loop; ``paths`` are drawn at random per request (a repeat mix)."""
     import aiohttp
@@ -61,7 +63,7 @@ async def run_load(
                 latencies.append(t1 - t0)
                 statuses[status] += 1
 
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout, headers=headers) as session:
         await asyncio.gather(*(client(i, session) for i in range(concurrency)))
     elapsed = min(time.perf_counter(), stop_at + timeout_s) - measure_from
     return summarize(latencies, statuses, elapsed, concurrency)
@@ -74,6 +76,7 @@ async def run_open_loop(
     duration_s: float,
     timeout_s: float = 10.0,
     max_in_flight: int = MAX_CONCURRENCY,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Send ``rate`` requests/s on a fixed schedule, whatever the answers' speed (overload).
 
@@ -111,7 +114,7 @@ async def run_open_loop(
         statuses[status] += 1
         by_status.setdefault(status, []).append(dt)
 
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout, headers=headers) as session:
         start = time.perf_counter()
         n = int(rate * duration_s)
         tasks = []
@@ -208,6 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="", help="write the JSON summary here")
     p.add_argument("--png", default="", help="write a latency histogram here")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SCALEREC_API_KEY", ""),
+        help="sent as a bearer token (default: $SCALEREC_API_KEY; make run prints a demo key)",
+    )
     ns = p.parse_args(argv)
     host = urlparse(ns.url).hostname or ""
     if host not in LOOPBACK and not ns.allow_remote:
@@ -218,11 +226,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{ns.user_prefix}{i}" for i in range(ns.n_users)
     ]
     paths = build_paths(ns.path, users)
+    headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else None
     if ns.rate > 0:
-        result = asyncio.run(run_open_loop(ns.url.rstrip("/"), paths, ns.rate, ns.duration))
+        result = asyncio.run(
+            run_open_loop(ns.url.rstrip("/"), paths, ns.rate, ns.duration, headers=headers)
+        )
     else:
         result = asyncio.run(
-            run_load(ns.url.rstrip("/"), paths, ns.concurrency, ns.duration, ns.warmup)
+            run_load(
+                ns.url.rstrip("/"), paths, ns.concurrency, ns.duration, ns.warmup, headers=headers
+            )
         )
     if ns.png:
         plot(result, ns.png)

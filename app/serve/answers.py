@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import pyarrow as pa
 from pydantic import BaseModel
 
-from app.serve.http import ItemScore, RecommendResponse, SimilarResponse
+from app.serve.schema import ItemScore, RecommendResponse, SimilarResponse
 from app.store import MANIFEST, Lake, predictions_rel, read_predictions
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from app.config import AppConfig, ConfigError, OutputPath, ServeArgs, parse_overrides
+from app.serve.auth import AuthArgs
 from app.serve.haproxy import with_launcher
 from app.store import Lake, registry_name
 
@@ -59,6 +60,16 @@ class ServeAppArgs(ServeArgs):
     (``python -m jobs.batch_predict``), when they exist and no ranker rule is set."""
     pointer_poll_s: float = Field(1.0, gt=0.0)
     """How often replicas re-read the serving pointer / event log on a remote (S3) lake."""
+    auth: AuthArgs = Field(default_factory=AuthArgs)
+    """API keys and rate limits of user-scoped routes (docs/api-keys.md)."""
+
+    @property
+    def key_file(self) -> str | None:
+        """``auth.key_file``, else ``<lake>/api_keys.yaml`` on a local lake (None on S3)."""
+        if self.auth.key_file is not None:
+            return self.auth.key_file
+        lake = Lake(self.lake)
+        return lake.path("api_keys.yaml") if lake.is_local else None
 
     @model_validator(mode="after")
     def _k_bounds(self) -> ServeAppArgs:

@@ -1,4 +1,6 @@
-"""HTTP surface of the serving stage: request/response models and the ASGI guard.
+"""HTTP surface of the serving stage: the ASGI guard, API-key checks and the admin token.
+
+Request and response models live in ``app.serve.schema``.
 
 The guard answers 413 for oversized bodies (by ``Content-Length`` or while streaming) and records
 latency and status metrics per endpoint for every request, including the ones FastAPI rejects.
@@ -9,7 +11,8 @@ latency and status metrics per endpoint for every request, including the ones Fa
 request objects, a large share of the event loop's time per request. Every other form of the
 request (other parameters, a malformed ``k``, a path with more segments) goes to FastAPI,
 which validates it. So does a fast-path request whose handler raises: FastAPI runs it again and
-answers the error with the app's own exception handlers (errors are rare; one set of handlers).
+answers the error with the app's own exception handlers (errors are rare; one set of handlers),
+except a refused API key (``AuthError``), answered at once.
 
 The ``/admin`` endpoints take a bearer token. Only its SHA-256 travels and is kept: the builder
 hashes the token found in its own environment, and a replica whose environment holds the token
@@ -18,187 +21,69 @@ hashes that one instead (so a token rotated on the nodes wins over the one the a
 
 import hashlib
 import hmac
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, Field, Strict, field_validator
 
+from app.serve.auth import ApiKey, AuthError, KeyRing
 from app.serve.metrics import ServeMetrics
 
-RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None}
-"""The ingress replica of this process, as its ASGI guard reads it: body limit, metrics and the
-fast-path handler (``recommend``). The ingress fills it through this module object: Serve ships
-the ingress class by value, so a global of the ingress's own module would be a copy."""
-
-ID = Field(min_length=1, max_length=256)
-
-
-class RecommendRequest(BaseModel):
-    """Body of ``POST /recommend``."""
-
-    user_id: str | None = Field(None, max_length=256, description="Omit for anonymous users.")
-    k: int | None = Field(None, description="List length (1..max_k; default default_k).")
-    context: list[str] = Field(default_factory=list, description="Item ids the user just saw.")
-    exclude: list[str] = Field(default_factory=list, description="Item ids never to return.")
-    include_seen: bool = Field(False, description="Allow items the user interacted with.")
+RUNTIME: dict[str, Any] = {"max_body_bytes": 256 * 1024, "metrics": None, "keys": None}
+"""The ingress replica of this process, as its ASGI guard reads it: body limit, metrics, API
+keys (``KeyRing``) and the fast-path handler (``recommend``). The ingress fills it through this
+module object: Serve ships the ingress class by value, so a global of the ingress's own module
+would be a copy."""
 
 
-class ItemScore(BaseModel):
-    """One recommended item."""
+class Caller:
+    """A FastAPI dependency: the request's API key, which must grant ``scope`` (else 401/403).
 
-    item_id: str
-    score: float
-
-
-class RecommendResponse(BaseModel):
-    """A recommendation list."""
-
-    user_id: str | None
-    items: list[ItemScore]
-    model_version: str
-    cached: bool
-    strategy: str = Field(description="personal, context (fold-in of the history) or popularity.")
-    history_version: int = Field(description="Live events of this user included in the answer.")
-
-
-class SimilarResponse(BaseModel):
-    """Items similar to one item."""
-
-    item_id: str
-    items: list[ItemScore]
-    model_version: str
-    cached: bool
-
-
-def invalid(loc: tuple[str | int, ...], msg: str, value: Any) -> RequestValidationError:
-    """A 422 whose body has the documented ``HTTPValidationError`` shape, like FastAPI's own."""
-    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with what strict JSON cannot hold (NaN, infinities, objects) as text."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
-
-
-async def validation_error(_: Any, exc: RequestValidationError) -> JSONResponse:
-    """422 in FastAPI's documented shape, also when the rejected input was NaN or infinite.
-
-    FastAPI's own handler fails (a 500) on a body such as ``{"timestamp": NaN}``: the error
-    echoes the value, and strict JSON has no NaN.
+    A dependency, not a check in the handler, so that a refused caller learns nothing about
+    the body's validity (FastAPI validates the body after the dependencies ran). A class, not
+    a closure: Serve pickles the routes with the ingress, and a closure would travel by value
+    with a copy of ``RUNTIME``.
     """
-    return JSONResponse({"detail": _json_safe(list(exc.errors()))}, status_code=422)
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+    def __call__(
+        self,
+        authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+        x_api_key: Annotated[str | None, Header(description="The API key (or Bearer)")] = None,
+    ) -> ApiKey:
+        """The caller's key, checked against the replica's ``KeyRing``."""
+        keys: KeyRing | None = RUNTIME["keys"]
+        if keys is None:  # no ingress in this process yet: refuse rather than guess
+            raise AuthError(503, "the ingress is starting; retry", {"Retry-After": "1"})
+        key = keys.authenticate(authorization, x_api_key)
+        keys.require(key, self.scope)
+        return key
 
 
-MAX_CLOCK_SKEW_S = 86_400.0
-"""How far in the future an event's timestamp may lie (client clocks drift; a year does not)."""
+READER = Depends(Caller("recommend:read"))
+"""The dependency of the recommendation routes."""
+WRITER = Depends(Caller("events:write"))
+"""The dependency of ``POST /events``."""
 
 
-def _canonical_id(value: str) -> str:
-    # the same canonical form as ingestion: surrounding whitespace is not part of an id
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be blank")
-    return value
+def is_admin_key(keys: KeyRing, authorization: str | None) -> bool:
+    """Whether ``Authorization`` bears an API key with the ``admin`` scope (auth on only)."""
+    if not keys.enabled or not authorization:
+        return False  # auth off: the admin token alone guards /admin
+    try:
+        return keys.authenticate(authorization, None).allows("admin")
+    except AuthError:
+        return False
 
 
-CanonicalId = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_canonical_id)]
-
-
-class Event(BaseModel):
-    """One user action."""
-
-    user_id: CanonicalId
-    item_id: CanonicalId
-    event: str = Field("interaction", max_length=64)
-    event_id: str | None = Field(
-        None,
-        min_length=1,
-        max_length=128,
-        description="Idempotency key: a retried event with the same id counts once. "
-        "Default: derived from user, item, event and timestamp.",
-    )
-    # strict: a JSON true/false is not a time; finite and from 1970 to now + MAX_CLOCK_SKEW_S
-    timestamp: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] | None = Field(
-        None, description="Unix seconds; default: arrival time."
-    )
-
-    @field_validator("timestamp")
-    @classmethod
-    def _not_far_future(cls, value: float | None) -> float | None:
-        if value is not None and value > time.time() + MAX_CLOCK_SKEW_S:
-            raise ValueError(f"lies more than {MAX_CLOCK_SKEW_S:.0f} s in the future")
-        return value
-
-
-class EventsRequest(BaseModel):
-    """Body of ``POST /events``."""
-
-    events: list[Event] = Field(min_length=1)
-
-
-class EventsResponse(BaseModel):
-    """Acknowledgement of durably appended events."""
-
-    accepted: int = Field(description="Events of the request now in the log (new or not).")
-    duplicates: int = Field(0, description="Of those, events the log held already (retries).")
-    history_versions: dict[str, int]
-
-
-class HealthResponse(BaseModel):
-    """Liveness and what is served."""
-
-    status: str
-    model: str
-    model_version: str
-    dataset_version: str
-
-
-class ReloadRequest(BaseModel):
-    """Body of ``POST /admin/reload``."""
-
-    model: str = Field(min_length=1, max_length=128, description="Version id, prefix or alias.")
-
-
-class ErrorDetail(BaseModel):
-    """An error other than a validation error, in words for a person."""
-
-    detail: str
-
-
-ERROR_DESCRIPTIONS = {
-    400: "The body is not valid JSON.",
-    401: "No bearer token.",
-    403: "Wrong token, or admin is disabled.",
-    404: "Unknown item, model version or alias (or no such path).",
-    413: "The body, or its list of events, is too large.",
-    503: "Overloaded: retry after the seconds in Retry-After.",
-}
-
-
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` of a route for these error statuses (each an ``ErrorDetail``)."""
-    return {c: {"model": ErrorDetail, "description": ERROR_DESCRIPTIONS[c]} for c in codes}
-
-
-class ReloadResponse(BaseModel):
-    """Result of a reload."""
-
-    previous: str
-    version: str
+async def auth_error(_: Any, exc: AuthError) -> JSONResponse:
+    """401, 403 or 429 with ``{"detail": ...}`` and the error's headers (Retry-After ...)."""
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
 
 def endpoint_name(path: str) -> str:
@@ -211,8 +96,9 @@ def endpoint_name(path: str) -> str:
 
 RECOMMEND_PREFIX = "/recommend/"
 
-FastRecommend = Callable[[str, int | None], Awaitable[bytes]]
-"""``(user_id, k) -> JSON body`` of ``GET /recommend/{user_id}``; raises ``HTTPException``."""
+FastRecommend = Callable[[str, int | None, str | None, str | None], Awaitable[bytes]]
+"""``(user_id, k, authorization, x_api_key) -> JSON body`` of ``GET /recommend/{user_id}``;
+raises ``HTTPException`` or ``AuthError``."""
 
 
 def fast_recommend_args(scope: dict[str, Any]) -> tuple[str, int | None] | None:
@@ -237,10 +123,20 @@ def fast_recommend_args(scope: dict[str, Any]) -> tuple[str, int | None] | None:
     return None
 
 
-async def _send_ok(send: Any, body: bytes) -> None:
+async def _send(send: Any, body: bytes, status: int = 200, headers: Any = ()) -> None:
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    raw += [(k.lower().encode(), v.encode()) for k, v in dict(headers).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+def _credentials(scope: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The ``Authorization`` and ``X-API-Key`` headers of an ASGI request (latin-1, as HTTP)."""
+    found: dict[bytes, str] = {}
+    for name, value in scope.get("headers") or ():
+        if name in (b"authorization", b"x-api-key"):
+            found[name] = value.decode("latin-1")
+    return found.get(b"authorization"), found.get(b"x-api-key")
 
 
 def _record(scope: dict[str, Any], start: float, status: int) -> None:
@@ -270,13 +166,18 @@ class FastPathAPI(FastAPI):
             if fast is not None and _no_body(scope):
                 start = time.perf_counter()
                 try:
-                    body: bytes | None = await handler(*fast)
+                    body: bytes | None = await handler(*fast, *_credentials(scope))
+                except AuthError as exc:  # answered here: a refusal costs no second pass
+                    detail = JSONResponse({"detail": exc.detail}).body
+                    await _send(send, bytes(detail), exc.status, exc.headers)
+                    _record(scope, start, exc.status)
+                    return
                 except Exception:  # noqa: BLE001
                     # An error (422 for k, 404, 500) is answered by the FastAPI app, which runs
                     # the same handler again: its exception handlers are the only ones.
                     body = None
                 if body is not None:
-                    await _send_ok(send, body)
+                    await _send(send, body)
                     _record(scope, start, 200)
                     return
         await super().__call__(scope, receive, send)

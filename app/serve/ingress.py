@@ -14,6 +14,7 @@ refuses versions a live app uses.
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from fastapi import Header, HTTPException, Query
@@ -23,28 +24,37 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.events import event_id, open_store
+from app.events import open_store
 from app.serve import http as guard
 from app.serve.answers import Answers
 from app.serve.args import ServeAppArgs
+from app.serve.auth import ApiKey, AuthError, KeyRing, RateLimiter, enforce_limits
 from app.serve.http import (
+    READER,
+    WRITER,
     BodyLimitAndMetrics,
+    FastPathAPI,
+    admin_token_sha256,
+    auth_error,
+    authorize,
+    is_admin_key,
+)
+from app.serve.metrics import ServeMetrics
+from app.serve.schema import (
     EventsRequest,
     EventsResponse,
-    FastPathAPI,
     HealthResponse,
     RecommendRequest,
     RecommendResponse,
     ReloadRequest,
     ReloadResponse,
     SimilarResponse,
-    admin_token_sha256,
-    authorize,
+    entry_errors,
     error_responses,
+    event_rows,
     invalid,
     validation_error,
 )
-from app.serve.metrics import ServeMetrics
 from app.serve.scoring import Scoring
 from app.serve.store import Catalogue, Catalogues, ServedVersion, ServingPointer
 from app.store import Heartbeat, Lake, RegistryError, resolve
@@ -63,6 +73,7 @@ api = FastPathAPI(
 
 api.add_middleware(BodyLimitAndMetrics)
 api.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+api.add_exception_handler(AuthError, auth_error)  # type: ignore[arg-type]
 
 
 @api.exception_handler(RegistryError)
@@ -102,6 +113,7 @@ class Ingress:
             environment wins.
         retriever: Handle of the Retriever deployment; None scores in this replica.
         ranker: Handle of the Ranker deployment (with ``retriever``).
+        keys: The API keys accepted (hashes), when ``args.auth.required``.
     """
 
     def __init__(
@@ -111,8 +123,11 @@ class Ingress:
         token_sha256: str | None,
         retriever: DeploymentHandle | None = None,
         ranker: DeploymentHandle | None = None,
+        keys: list[ApiKey] | None = None,
     ) -> None:
         self.args = ServeAppArgs.model_validate(args)
+        self.keys = KeyRing(keys or [], enabled=self.args.auth.required)
+        self.limiter = RateLimiter()
         self.lake = Lake(self.args.lake)
         self.metrics = ServeMetrics("ingress")
         self.scoring = Scoring(self.lake, self.args, version, self.metrics, retriever, ranker)
@@ -122,7 +137,8 @@ class Ingress:
         guard.RUNTIME.update(
             max_body_bytes=self.args.max_body_bytes,
             metrics=self.metrics,
-            recommend=self._recommend_json,
+            recommend=self._recommend_fast,
+            keys=self.keys,
         )
         self.catalogues = Catalogues(self.lake, self.args.name)
         ctx = serve.get_replica_context()
@@ -242,37 +258,71 @@ class Ingress:
 
     # -- endpoints ------------------------------------------------------------------------
 
-    async def _recommend_json(self, user_id: str, k: int | None) -> bytes:
-        """JSON body of ``GET /recommend/{user_id}`` (also answered by the ASGI guard directly)."""
-        answer = await self._recommend(user_id, k, [], [], False)
-        return _body(answer)
+    def _limit(self, key: ApiKey, users: dict[str, int] | None = None) -> None:
+        enforce_limits(self.limiter, self.args.auth, key, users)
+
+    @staticmethod
+    def _visible(answer: RecommendResponse, key: ApiKey) -> RecommendResponse:
+        # how many live events a user has is part of their history
+        if key.allows("history:read"):
+            return answer
+        return answer.model_copy(update={"history_version": None})
+
+    async def _recommend_json(self, user_id: str, k: int | None, key: ApiKey) -> bytes:
+        """JSON body of ``GET /recommend/{user_id}`` for a caller whose scope was checked."""
+        self._limit(key)
+        return _body(self._visible(await self._recommend(user_id, k, [], [], False), key))
+
+    async def _recommend_fast(
+        self, user_id: str, k: int | None, authorization: str | None, x_api_key: str | None
+    ) -> bytes:
+        """``_recommend_json`` for the ASGI guard, which hands over the raw credentials."""
+        key = self.keys.authenticate(authorization, x_api_key)
+        self.keys.require(key, "recommend:read")
+        return await self._recommend_json(user_id, k, key)
 
     @api.get(
         "/recommend/{user_id}",
         response_model=RecommendResponse,
-        responses=error_responses(404, 503),
+        responses=error_responses(401, 403, 404, 429, 503),
     )
     async def recommend_get(
-        self, user_id: str, k: int | None = Query(None, description="List length.")
+        self,
+        user_id: str,
+        k: int | None = Query(None, description="List length."),
+        key: ApiKey = READER,
     ) -> Response:
         """Top-k items for a user; unknown users get popular items."""
-        return _json(await self._recommend_json(user_id, k))
+        return _json(await self._recommend_json(user_id, k, key))
 
     @api.post(
-        "/recommend", response_model=RecommendResponse, responses=error_responses(400, 413, 503)
+        "/recommend",
+        response_model=RecommendResponse,
+        responses=error_responses(400, 401, 403, 413, 429, 503),
     )
-    async def recommend_post(self, body: RecommendRequest) -> Response:
-        """Top-k items for a user or an anonymous context, with optional exclusions."""
+    async def recommend_post(self, body: RecommendRequest, key: ApiKey = READER) -> Response:
+        """Top-k items for a user or an anonymous context, with optional exclusions.
+
+        ``include_seen`` shows what the user interacted with: it needs ``history:read``.
+        """
+        if body.include_seen:
+            self.keys.require(key, "history:read")
+        self._limit(key)
         answer = await self._recommend(
             body.user_id, body.k, body.context, body.exclude, body.include_seen, where="body"
         )
-        return _json(_body(answer))
+        return _json(_body(self._visible(answer, key)))
 
     @api.get(
-        "/similar/{item_id}", response_model=SimilarResponse, responses=error_responses(404, 503)
+        "/similar/{item_id}",
+        response_model=SimilarResponse,
+        responses=error_responses(401, 403, 404, 429, 503),
     )
-    async def similar(self, item_id: str, k: int | None = Query(None)) -> Response:
+    async def similar(
+        self, item_id: str, k: int | None = Query(None), key: ApiKey = READER
+    ) -> Response:
         """Items most similar to ``item_id``."""
+        self._limit(key)
         state = self._sync()
         k = self._check_k(k)
         if item_id not in state.catalogue.item_index:
@@ -283,43 +333,25 @@ class Ingress:
         "/events",
         status_code=202,
         response_model=EventsResponse,
-        responses=error_responses(400, 413, 503),
+        responses=error_responses(400, 401, 403, 413, 429, 503),
     )
-    async def post_events(self, body: EventsRequest) -> EventsResponse:
-        """Append user actions durably; the next recommendation for those users reflects them."""
+    async def post_events(self, body: EventsRequest, key: ApiKey = WRITER) -> EventsResponse:
+        """Append user actions durably; the next recommendation for those users reflects them.
+
+        Limited per key (one request) and per user (each of their events); history versions
+        only for keys with ``history:read``.
+        """
         if len(body.events) > self.args.max_events:
             raise HTTPException(
                 413, f"at most {self.args.max_events} events per request, got {len(body.events)}"
             )
+        self._limit(key, dict(Counter(e.user_id for e in body.events)))
         cat = self._sync().catalogue
         unknown = set(cat.unknown_items([e.item_id for e in body.events]))
-        types = self.args.events.types
-        # which entries failed, so a client can drop them and post the rest again
-        failed = [
-            {"type": "value_error", "loc": ("body", "events", i, field), "msg": msg, "input": v}
-            for i, e in enumerate(body.events)
-            for field, v, msg in (
-                ("item_id", e.item_id, "unknown item id"),
-                ("event", e.event, f"unknown event type; one of {', '.join(types)}"),
-            )
-            if (field == "item_id" and v in unknown) or (field == "event" and v not in types)
-        ]
+        failed = entry_errors(body.events, unknown, self.args.events.types)
         if failed:
             raise RequestValidationError(failed[:50])
-        now = time.time()
-        rows = [
-            {
-                "user_id": e.user_id,
-                "item_id": e.item_id,
-                "event": e.event,
-                # the id is fixed before the arrival time fills a missing timestamp, so that
-                # a retry, arriving later, derives the same id
-                "event_id": event_id(e.model_dump()),
-                "timestamp": e.timestamp if e.timestamp is not None else now,
-                "received_at": now,
-            }
-            for e in body.events
-        ]
+        rows = event_rows(body.events, time.time())
         try:
             new = await asyncio.to_thread(self.events.append, rows)
         except OSError as exc:  # not durable, so not acknowledged: the client retries
@@ -328,7 +360,7 @@ class Ingress:
                 503, "the event store is unavailable; retry", headers={"Retry-After": "1"}
             ) from None
         self.metrics.count("events", new)
-        users = dict.fromkeys(e.user_id for e in body.events)
+        users = dict.fromkeys(e.user_id for e in body.events) if key.allows("history:read") else {}
         return EventsResponse(
             accepted=len(rows),
             duplicates=len(rows) - new,
@@ -354,8 +386,12 @@ class Ingress:
     async def reload(
         self, body: ReloadRequest, authorization: str | None = Header(None)
     ) -> ReloadResponse:
-        """Switch every replica to a registry version or alias without failing a request."""
-        authorize(authorization, self.token_sha256, self.args.admin_token_env)
+        """Switch every replica to a registry version or alias without failing a request.
+
+        Takes the admin token or an API key with the ``admin`` scope, as a bearer token.
+        """
+        if not is_admin_key(self.keys, authorization):
+            authorize(authorization, self.token_sha256, self.args.admin_token_env)
         previous = self._sync().version
         # registry and pointer I/O (an S3 listing on a remote lake) stay off the event loop
         version = await asyncio.to_thread(resolve, self.lake, self.args.name, body.model)

@@ -11,6 +11,10 @@ import requests
 
 LOCAL_YAML = Path(__file__).parents[2] / "serve_configs" / "local.yaml"
 
+NO_AUTH = {"required": False}
+"""``ServeAppArgs.auth`` of the apps whose tests are about something else than API keys
+(test_serve.py tests keys, scopes and limits on its app)."""
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -48,12 +52,15 @@ def start_fast_serve() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def small_app_args(lake_uri: str, name: str, token_env: str) -> Any:
+def small_app_args(
+    lake_uri: str, name: str, token_env: str, auth: dict[str, Any] | None = None
+) -> Any:
     """``ServeAppArgs`` of the app test_serve.py runs and test_serve_fuzz.py fuzzes: small
     limits (k, body, events) so that tests reach them, the cache on, one genre cap."""
     from app.serve import ServeAppArgs
 
     return ServeAppArgs(
+        auth=NO_AUTH if auth is None else auth,
         lake=lake_uri,
         name=name,
         model="production",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from serving import free_port, wait_healthy
+from serving import NO_AUTH, free_port, wait_healthy
 
 from app import ingest, train
 from app.config import load_config
@@ -62,7 +62,9 @@ def test_posted_events_reach_the_next_version(ray_cluster: None, tmp_path: Path)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     url = f"http://127.0.0.1:{port}"
-    args = ServeAppArgs(lake=lake.uri, name=name, model="production", colocate_scoring=True)
+    args = ServeAppArgs(
+        auth=NO_AUTH, lake=lake.uri, name=name, model="production", colocate_scoring=True
+    )
     serve.run(
         build_application(args, {"Ingress": {"ray_actor_options": {"num_cpus": 0.25}}}),
         name=APP,

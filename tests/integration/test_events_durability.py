@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 from redis_server import redis_server
-from serving import free_port, wait_healthy
+from serving import NO_AUTH, free_port, wait_healthy
 
 from app.config import EventsArgs
 from app.events import open_store
@@ -74,6 +74,7 @@ def test_events_survive_sigkill_after_202(ray_cluster: None, serve_lake, events_
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     url = f"http://127.0.0.1:{port}"
     app_args = ServeAppArgs(
+        auth=NO_AUTH,
         lake=serve_lake.lake.uri,
         name="tiny-mf",
         model="production",

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from serving import small_app_args, start_fast_serve, wait_healthy
+from serving import NO_AUTH, small_app_args, start_fast_serve, wait_healthy
 
 from app.serve import ServeAppArgs, build_application
+from app.serve.auth import add_key
 from app.store import (
     Lake,
     load_dataset,
@@ -30,6 +31,23 @@ NAME = "tiny-mf"
 TIMEOUT = 30
 LOCAL_YAML = Path(__file__).parents[2] / "serve_configs" / "local.yaml"
 
+# The app's API keys by role, filled by ``served``: most tests call as ``full``.
+KEYS: dict[str, str] = {}
+ROLES = {
+    "full": (["events:write", "history:read", "recommend:read"], 1e6, 10**6),
+    "reader": (["recommend:read"], None, None),
+    "writer": (["events:write"], None, None),
+    "admin": (["admin"], None, None),
+    "limited": (["recommend:read"], 0.05, 2),  # a third request within 20 s gets 429
+}
+# Per user: 20 events at once, then one per 10 s.
+AUTH = {"user_events_per_s": 0.1, "user_burst": 20}
+
+
+def bearer(role: str = "full") -> dict[str, str]:
+    """The ``Authorization`` header of a role's key."""
+    return {"Authorization": f"Bearer {KEYS[role]}"}
+
 
 @pytest.fixture(scope="module")
 def lake_with_models(serve_lake) -> tuple[Lake, list[str]]:
@@ -39,13 +57,18 @@ def lake_with_models(serve_lake) -> tuple[Lake, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster: None, lake_with_models: tuple[Lake, list[str]]) -> Iterator[str]:
+def served(
+    ray_cluster: None, lake_with_models: tuple[Lake, list[str]], tmp_path_factory
+) -> Iterator[str]:
     from ray import serve
 
     lake, _ = lake_with_models
     os.environ[TOKEN_ENV] = TOKEN
+    key_file = tmp_path_factory.mktemp("keys") / "api_keys.yaml"
+    for role, (scopes, rate, burst) in ROLES.items():
+        KEYS[role] = add_key(key_file, role, scopes, rate, burst)
     url = start_fast_serve()  # the fast path of serve_configs/local.yaml
-    args = small_app_args(lake.uri, NAME, TOKEN_ENV)
+    args = small_app_args(lake.uri, NAME, TOKEN_ENV, {**AUTH, "key_file": str(key_file)})
     small = {"ray_actor_options": {"num_cpus": 0.25}}
     # As in serve_configs/: the ingress at normal CPU priority, the others at Ray's nice 15.
     ingress = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": NICE_0}}}
@@ -78,10 +101,12 @@ def test_ingress_runs_at_normal_priority(served: str) -> None:
 
 
 def _get(url: str, path: str, **kw: object) -> requests.Response:
+    kw.setdefault("headers", bearer())
     return requests.get(f"{url}{path}", timeout=TIMEOUT, **kw)  # type: ignore[arg-type]
 
 
 def _post(url: str, path: str, **kw: object) -> requests.Response:
+    kw.setdefault("headers", bearer())
     return requests.post(f"{url}{path}", timeout=TIMEOUT, **kw)  # type: ignore[arg-type]
 
 
@@ -263,15 +288,87 @@ def test_events_retried_after_a_lost_response_count_once(served: str) -> None:
     ],
 )
 def test_bad_input_is_4xx(served: str, method: str, path: str, kw: dict, status: int) -> None:
-    r = getattr(requests, method)(f"{served}{path}", timeout=TIMEOUT, **kw)
+    headers = {**bearer(), **kw.pop("headers", {})}
+    r = getattr(requests, method)(f"{served}{path}", timeout=TIMEOUT, headers=headers, **kw)
     assert r.status_code == status, r.text
     assert "detail" in r.json()
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys: who may call which route, and how often
+# ---------------------------------------------------------------------------------------------
+
+USER_ROUTES = [
+    ("get", "/recommend/u1", {}),  # the ASGI fast path
+    ("get", "/recommend/u1", {"params": {"via": "fastapi"}}),  # the same route through FastAPI
+    ("post", "/recommend", {"json": {"user_id": "u1"}}),
+    ("get", "/similar/i1", {}),
+    ("post", "/events", {"json": {"events": [{"user_id": "u1", "item_id": "i1"}]}}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kw"), USER_ROUTES)
+def test_user_routes_need_a_known_key(served: str, method: str, path: str, kw: dict) -> None:
+    for headers in ({}, {"Authorization": "Bearer sr_not-a-key"}, {"X-API-Key": "nope"}):
+        r = getattr(requests, method)(f"{served}{path}", timeout=TIMEOUT, headers=headers, **kw)
+        assert r.status_code == 401, (headers, r.text)
+        assert r.headers["www-authenticate"] == "Bearer" and "API key" in r.json()["detail"]
+    # a refused caller learns nothing about the body: 401 before 422
+    bad = {"json": {"events": [{"user_id": "u1", "item_id": "no-such-item"}]}}
+    assert _post(served, "/events", headers={}, **bad).status_code == 401
+    # liveness and the API's description stay open
+    for open_path in ("/healthz", "/docs", "/openapi.json"):
+        assert requests.get(f"{served}{open_path}", timeout=TIMEOUT).status_code == 200
+
+
+def test_keys_are_scoped(served: str) -> None:
+    events = {"events": [{"user_id": "u3", "item_id": "i2"}]}
+    r = _post(served, "/events", json=events, headers=bearer("reader"))
+    assert r.status_code == 403 and "events:write" in r.json()["detail"]
+    for path in ("/recommend/u3", "/recommend/u3?via=fastapi", "/similar/i2"):
+        assert _get(served, path, headers=bearer("writer")).status_code == 403, path
+    # a writer's acknowledgement says nothing of the user's history
+    r = _post(served, "/events", json=events, headers=bearer("writer"))
+    assert r.status_code == 202 and r.json()["history_versions"] == {}
+    # nor does a reader's answer; include_seen, which shows the history, needs history:read
+    assert _get(served, "/recommend/u3", headers=bearer("reader")).json()["history_version"] is None
+    seen = {"user_id": "u3", "include_seen": True}
+    assert _post(served, "/recommend", json=seen, headers=bearer("reader")).status_code == 403
+    full = _post(served, "/recommend", json=seen)
+    assert full.status_code == 200 and full.json()["history_version"] >= 1
+    # X-API-Key works where Authorization is taken by something else (fast path and FastAPI)
+    for path in ("/recommend/u3", "/recommend/u3?via=fastapi"):
+        assert _get(served, path, headers={"X-API-Key": KEYS["reader"]}).status_code == 200
+
+
+def test_rate_limits_answer_429_with_retry_after(served: str) -> None:
+    # ``limited``: a burst of 2, then one request per 20 s, counted on both paths
+    codes = [
+        _get(served, path, headers=bearer("limited"))
+        for path in ("/recommend/u4", "/recommend/u4?via=fastapi", "/recommend/u4")
+    ]
+    assert [r.status_code for r in codes] == [200, 200, 429]
+    assert 1 <= int(codes[2].headers["retry-after"]) <= 20
+    assert "limited" in codes[2].json()["detail"]
+    r = _get(served, "/recommend/u4?via=fastapi", headers=bearer("limited"))
+    assert r.status_code == 429 and "retry-after" in r.headers
+    # per user: 20 events at once pass, the next is refused; another user is not held back
+    flood = {"events": [{"user_id": "flood", "item_id": f"i{i}"} for i in range(20)]}
+    assert _post(served, "/events", json=flood).status_code == 202
+    one = {"events": [{"user_id": "flood", "item_id": "i30"}]}
+    r = _post(served, "/events", json=one)
+    assert r.status_code == 429 and "'flood'" in r.json()["detail"]
+    assert int(r.headers["retry-after"]) >= 1
+    other = {"events": [{"user_id": "calm", "item_id": "i30"}]}
+    assert _post(served, "/events", json=other).status_code == 202
+    # the refused event was not written: the user's history holds the 20
+    assert _get(served, "/recommend/flood").json()["history_version"] == 20
 
 
 def test_admin_auth(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
     lake, versions = lake_with_models
     body = {"model": "production"}
-    assert _post(served, "/admin/reload", json=body).status_code == 401
+    assert _post(served, "/admin/reload", json=body, headers={}).status_code == 401
     bad = {"Authorization": "Basic abc"}
     assert _post(served, "/admin/reload", json=body, headers=bad).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
@@ -282,6 +379,9 @@ def test_admin_auth(served: str, lake_with_models: tuple[Lake, list[str]]) -> No
     # the answer names neither the storage nor the model history
     assert lake.uri not in r.text and not any(v in r.text for v in versions)
     assert _post(served, "/admin/reload", json=body, headers=ok).status_code == 200
+    # an API key with the admin scope may reload too; one without it may not
+    assert _post(served, "/admin/reload", json=body, headers=bearer("admin")).status_code == 200
+    assert _post(served, "/admin/reload", json=body, headers=bearer("full")).status_code == 403
 
 
 def test_reload_zero_failures(served: str, lake_with_models: tuple[Lake, list[str]]) -> None:
@@ -294,6 +394,7 @@ def test_reload_zero_failures(served: str, lake_with_models: tuple[Lake, list[st
 
     def load() -> None:
         s = requests.Session()
+        s.headers.update(bearer())
         n = 0
         while not stop.is_set() and n < 2000:
             n += 1
@@ -332,7 +433,7 @@ def test_autoscaling_up_and_down(served: str, lake_with_models: tuple[Lake, list
     from ray import serve
 
     lake, _ = lake_with_models
-    args = ServeAppArgs(lake=lake.uri, name=NAME, model="production", cache_size=0)
+    args = ServeAppArgs(auth=NO_AUTH, lake=lake.uri, name=NAME, model="production", cache_size=0)
     auto = {
         "autoscaling_config": {
             "min_replicas": 1,
@@ -394,6 +495,7 @@ def test_colocated_scoring_answers_like_the_deployment_graph(
     lake, _ = lake_with_models
     serving = requests.get(f"{served}/healthz", timeout=TIMEOUT).json()["model_version"]
     args = ServeAppArgs(
+        auth=NO_AUTH,
         lake=lake.uri,
         name=NAME,
         model=serving,  # whatever earlier reload tests left the graph app serving
@@ -413,7 +515,7 @@ def test_colocated_scoring_answers_like_the_deployment_graph(
         assert set(status.deployments) == {"Ingress"}  # no Retriever / Ranker replicas
         personal = {}
         for user in ("u0", "u5", "u42", "nobody"):
-            graph = requests.get(f"{served}/recommend/{user}?k=8", timeout=TIMEOUT).json()
+            graph = _get(served, f"/recommend/{user}?k=8").json()
             local = requests.get(f"{served}/co/recommend/{user}?k=8", timeout=TIMEOUT).json()
             personal[user] = local
             assert [i["item_id"] for i in local["items"]] == [i["item_id"] for i in graph["items"]]
@@ -423,7 +525,7 @@ def test_colocated_scoring_answers_like_the_deployment_graph(
         genres = Counter(int(i["item_id"][1:]) // ITEMS_PER_GROUP for i in personal["u0"]["items"])
         assert max(genres.values()) <= 3  # the ranker's genre cap applied in the replica
         sim = requests.get(f"{served}/co/similar/i3?k=5", timeout=TIMEOUT).json()
-        ref = requests.get(f"{served}/similar/i3?k=5", timeout=TIMEOUT).json()
+        ref = _get(served, "/similar/i3?k=5").json()
         assert [i["item_id"] for i in sim["items"]] == [i["item_id"] for i in ref["items"]]
         # Concurrent requests are batched in the replica and each gets its own answer.
         users = [f"u{i}" for i in range(0, N_USERS, 3)]

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from serving import start_fast_serve, wait_healthy
+from serving import NO_AUTH, start_fast_serve, wait_healthy
 
 from app.serve import ServeAppArgs, build_application
 
@@ -97,6 +97,7 @@ def target(ray_cluster: None, serve_lake) -> Iterator[Target]:
 
     url = start_fast_serve()  # the fast path of serve_configs/local.yaml
     args = ServeAppArgs(
+        auth=NO_AUTH,
         lake=serve_lake.lake.uri,
         name=serve_lake.name,
         model="production",

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from serving import start_fast_serve, wait_healthy
+from serving import NO_AUTH, start_fast_serve, wait_healthy
 
 from app.serve import ServeAppArgs, build_application
 
@@ -28,6 +28,7 @@ def tight(ray_cluster: None, serve_lake) -> Iterator[str]:
 
     url = start_fast_serve()
     args = ServeAppArgs(
+        auth=NO_AUTH,
         lake=serve_lake.lake.uri,
         name=serve_lake.name,
         model="production",

@@ -12,7 +12,7 @@ import os
 import time
 
 import requests
-from serving import start_fast_serve, wait_healthy
+from serving import NO_AUTH, start_fast_serve, wait_healthy
 
 from app.serve import ServeAppArgs, build_application
 
@@ -44,6 +44,7 @@ def test_reload_and_events_on_an_s3_lake(ray_cluster, serve_lake, s3_bucket) -> 
     aws = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
     url = start_fast_serve()
     args = ServeAppArgs(
+        auth=NO_AUTH,
         lake=f"s3://{s3_bucket}/lake",
         name=serve_lake.name,
         model="production",

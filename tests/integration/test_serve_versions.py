@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from serving import free_port, wait_healthy
+from serving import NO_AUTH, free_port, wait_healthy
 
 from app.serve import ServeAppArgs, build_application
 from app.store import Lake, VersionInUse, delete_version, list_versions, users
@@ -28,6 +28,7 @@ SMALL = {"ray_actor_options": {"num_cpus": 0.25}}
 def _args(lake: Lake, name: str, **overrides: Any) -> ServeAppArgs:
     # One deployment (the ingress scores itself): the fewest actors that still serve the app.
     return ServeAppArgs(
+        auth=NO_AUTH,
         lake=lake.uri,
         name=name,
         model="production",

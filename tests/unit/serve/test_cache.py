@@ -15,7 +15,7 @@ from app.serve.answers import (
     estimate_bytes,
     rec_key,
 )
-from app.serve.http import ItemScore, RecommendResponse
+from app.serve.schema import ItemScore, RecommendResponse
 
 
 def _answer(user: str, k: int = 10) -> RecommendResponse:

@@ -6,7 +6,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from app.serve.http import MAX_CLOCK_SKEW_S, EventsRequest
+from app.serve.schema import MAX_CLOCK_SKEW_S, EventsRequest
 
 
 def _body(**event) -> str:
@@ -62,7 +62,7 @@ def test_rejections_render_as_422_in_the_documented_shape(body):
 
     from fastapi.exceptions import RequestValidationError
 
-    from app.serve.http import validation_error
+    from app.serve.schema import validation_error
 
     with pytest.raises(ValidationError) as caught:
         EventsRequest.model_validate_json(body)

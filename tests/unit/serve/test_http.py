@@ -12,6 +12,7 @@ import pytest
 from fastapi import HTTPException, Response
 from fastapi.responses import JSONResponse
 
+from app.serve.auth import AuthError, retry_after_header
 from app.serve.http import RUNTIME, FastPathAPI, fast_recommend_args
 from app.store import RegistryError
 
@@ -57,7 +58,9 @@ def test_everything_else_goes_to_fastapi(scope: dict[str, Any]) -> None:
     assert fast_recommend_args(scope) is None
 
 
-def _call(app: Any, path: str, query: bytes = b"") -> tuple[int, bytes]:
+def _call(
+    app: Any, path: str, query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, bytes]:
     """One GET through the ASGI app: (status, body)."""
     sent: list[dict[str, Any]] = []
 
@@ -67,10 +70,15 @@ def _call(app: Any, path: str, query: bytes = b"") -> tuple[int, bytes]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = _scope(path, query) | {"headers": [], "scheme": "http", "server": ("t", 80)}
+    scope = _scope(path, query) | {"headers": headers or [], "scheme": "http", "server": ("t", 80)}
     asyncio.run(app(scope, receive, send))
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    SENT[:] = sent
     return sent[0]["status"], body
+
+
+SENT: list[dict[str, Any]] = []
+"""The ASGI messages of the last ``_call``."""
 
 
 @pytest.fixture
@@ -78,8 +86,12 @@ def fast_app(monkeypatch: pytest.MonkeyPatch) -> tuple[FastPathAPI, list[str]]:
     """A FastPathAPI whose route and fast path share one handler that fails for some users."""
     calls: list[str] = []
 
-    async def handler(user_id: str, k: int | None) -> bytes:
+    async def handler(
+        user_id: str, k: int | None, authorization: str | None = None, x_api_key: str | None = None
+    ) -> bytes:
         calls.append(user_id)
+        if user_id == "private" and authorization != "Bearer sr_ok":
+            raise AuthError(429, "slow down", retry_after_header(2.5))
         if user_id == "bad-k":
             raise HTTPException(422, "k must be in 1..100")
         if user_id == "gone":
@@ -128,3 +140,15 @@ def test_fast_path_bug_is_a_500_from_fastapi(fast_app: tuple[FastPathAPI, list[s
     app, _ = fast_app
     with pytest.raises(RuntimeError, match="bug"):  # Starlette answers 500, then re-raises
         _call(app, "/recommend/boom")
+
+
+def test_fast_path_answers_a_refused_key_itself(fast_app: tuple[FastPathAPI, list[str]]) -> None:
+    app, calls = fast_app
+    code, body = _call(app, "/recommend/private")
+    assert (code, json.loads(body)) == (429, {"detail": "slow down"})
+    headers = dict(SENT[0]["headers"])
+    assert headers[b"retry-after"] == b"3" and headers[b"content-type"] == b"application/json"
+    assert calls == ["private"]  # no second pass through FastAPI
+    # the credentials reach the handler from the raw headers
+    ok = [(b"authorization", b"Bearer sr_ok"), (b"x-other", b"1")]
+    assert _call(app, "/recommend/private", headers=ok)[0] == 200
