@@ -49,6 +49,7 @@ def build_application(
         version,
         admin_token_sha256(args.admin_token_env),
     )
+    ensure_demo_key(args)  # `serve run local.yaml` on a fresh lake answers with the saved key
     keys = {"keys": api_keys(args)}  # hashes only, read here: replicas need no key file
     if args.colocate_scoring:  # one deployment: the ingress scores and ranks itself
         return Ingress.options(**opts.get("Ingress", {})).bind(*ingress_args, **keys)

@@ -79,7 +79,7 @@ def local_yaml_run(serve_lake, tmp_path: Path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"serve run did not answer on {url} (exit {proc.poll()})")
             time.sleep(1)
-        yield url, port
+        yield url, port, Path(serve_lake.lake.uri) / "demo_api_key"
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts Serve and its local cluster down
         try:
@@ -90,8 +90,10 @@ def local_yaml_run(serve_lake, tmp_path: Path):
 
 
 def test_local_yaml_serves_the_fast_path_on_loopback_only(local_yaml_run) -> None:
-    url, port = local_yaml_run
-    r = requests.get(f"{url}/recommend/u0?k=5", timeout=30)
+    url, port, saved_key = local_yaml_run
+    assert requests.get(f"{url}/recommend/u0?k=5", timeout=30).status_code == 401
+    key = saved_key.read_text().strip()  # the builder made the lake's demo key
+    r = requests.get(f"{url}/recommend/u0?k=5", headers={"X-API-Key": key}, timeout=30)
     assert r.status_code == 200 and len(r.json()["items"]) == 5
     rows = listeners()
     ours = [

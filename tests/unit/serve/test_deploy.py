@@ -55,8 +55,13 @@ def test_builder_needs_a_key_when_auth_is_required(serve_lake, tmp_path, monkeyp
 
     monkeypatch.delenv("SCALEREC_API_KEYS", raising=False)
     base = {"lake": serve_lake.lake.uri, "name": serve_lake.name, "colocate_scoring": True}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("keys: []\n")
     with pytest.raises(KeyFileError, match="holds no API key: create one with"):
-        build_application(ServeAppArgs(**base))
+        build_application(ServeAppArgs(**base, auth={"key_file": str(empty)}))
+    # a local lake's default key file: the builder makes the demo key rather than fail
+    demo = build_application(ServeAppArgs(**base))
+    assert [k.client for k in demo._bound_deployment.init_kwargs["keys"]] == ["demo"]
     named = tmp_path / "missing.yaml"
     with pytest.raises(KeyFileError, match="key file not found"):
         build_application(ServeAppArgs(**base, auth={"key_file": str(named)}))
