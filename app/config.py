@@ -193,6 +193,8 @@ class TrainArgs(_Args):
     """Data-parallel workers (0 runs the loop in the driver)."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     """Logical CPUs per worker; keep below 1 on a 2-core machine so Ray Data can run."""
+    worker_resources: dict[str, float] = {}
+    """Custom resources per worker: ``{"train_slot": 1}`` places one per node holding one."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) when the cluster has them."""
     epochs: int = Field(50, ge=1)
@@ -257,10 +259,9 @@ class EventsArgs(_Args):
 class ServeArgs(_Args):
     """Ray Serve application settings.
 
-    The base of the Serve application's arguments (``app.serve.ServeAppArgs``). A pipeline run
-    deploys the Serve config named by ``config`` and overrides its ``host``, ``port`` and
-    ``cache_size`` with this section's; which source wins is decided in one place,
-    ``app.serve.args.resolve_settings``.
+    The base of ``app.serve.ServeAppArgs``. A pipeline run deploys the Serve config named by
+    ``config`` and overrides its ``host``, ``port`` and ``cache_size`` with this section's
+    (``app.serve.args.resolve_settings`` decides which source wins).
     """
 
     model: str = "production"
@@ -292,8 +293,7 @@ class ServeArgs(_Args):
     """Ingress: concurrent retriever calls per replica; requests arriving meanwhile are batched.
 
     1 makes the largest batches (best on one machine); raise it to the number of retriever
-    replicas when the retriever autoscales.
-    """
+    replicas when the retriever autoscales."""
     quantize: Literal["none", "fp16", "int8"] = "none"
     """Compressed embedding variant to serve."""
     ann_min_items: int | None = Field(None, ge=0)

@@ -121,8 +121,7 @@ def _shard_batches(
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop: one report (metrics + checkpoint) per epoch.
 
-    ``config`` holds ``build_trainer``'s ``dataset``, ``model``, ``train``, ``seed`` and
-    ``local_mode``, and the fault hook's ``fail_at_epoch`` and ``fail_marker`` when set.
+    ``config``: ``build_trainer``'s dataset, model, train, seed, local_mode, and fault hook.
     """
     import ray.train
     import ray.train.torch
@@ -157,6 +156,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ddp = ray.train.torch.prepare_model(module)
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
+    here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
+    nodes: list[Any] = [here] * world  # where the group runs, in every epoch's metrics
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(nodes, here)
     last_dir: str | None = None
 
     for epoch in range(start_epoch + 1, train_args.epochs + 1):
@@ -174,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "interactions_per_s": n_seen / max(seconds, 1e-9),
             "epoch_s": seconds,
             "restarts": restarts,
+            "worker_nodes": sorted(set(nodes)),
         }
         is_eval = epoch % train_args.eval_every == 0 or epoch == train_args.epochs
         if rank == 0 and target is not None and is_eval:
@@ -188,8 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with open(os.path.join(d, HISTORY_FILE), "w") as f:
             json.dump(history, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        # Reports upload synchronously, so the previous folder is no longer needed. In local
-        # mode (num_workers=0) the result points at the last folder itself: keep that one.
+        # Reports upload synchronously: drop the previous folder (local mode's result is the last)
         if last_dir is not None:
             shutil.rmtree(last_dir, ignore_errors=True)
         last_dir = d
@@ -230,8 +233,8 @@ def build_trainer(
         loop_config["fail_at_epoch"] = int(os.environ[FAIL_AT_EPOCH_ENV])
         loop_config["fail_marker"] = os.environ.get(FAIL_MARKER_ENV, "")
     path, filesystem = ray_storage(runs)
-    # Read the split once: otherwise every epoch re-runs the Parquet read tasks, which costs
-    # more than the epoch itself on small data. Blocks live in the object store, not the driver.
+    # Read the split once: else every epoch re-runs the Parquet reads (dearer than an epoch on
+    # small data). The blocks live in the object store, not the driver.
     train_ds = ds.read_ds(*fit_splits(train)).materialize().randomize_block_order(seed=seed)
     return TorchTrainer(
         train_loop_per_worker,
@@ -240,7 +243,7 @@ def build_trainer(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
             # Fractional CPUs leave room for Ray Data's read tasks on small machines.
-            resources_per_worker={"CPU": train.cpus_per_worker},
+            resources_per_worker={"CPU": train.cpus_per_worker, **train.worker_resources},
         ),
         run_config=RunConfig(
             storage_path=path,

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from app.config import ColumnMap, SyntheticArgs
 from app.ingest.errors import SourceError
 from app.ingest.writers import ChunkSink
-from app.store import content_id
+from app.store import Lake, content_id
 
 SYNTHETIC_COLUMNS = ColumnMap(
     user="user_id",
@@ -80,6 +80,8 @@ def cached_synthetic(args: SyntheticArgs, cache_dir: str) -> tuple[str, list[str
         ``(folder, interaction files sorted)``; the folder also holds ``items.csv``.
     """
     key = content_id({"generator": _GENERATOR_VERSION, **args.model_dump(mode="json")})
+    if "://" in cache_dir:  # an object store: generate locally, upload, ``_SUCCESS`` last
+        return _cached_remote(args, Lake(cache_dir.rstrip("/") + f"/synthetic-{key}"))
     final = os.path.join(cache_dir, f"synthetic-{key}")
     if not os.path.isfile(os.path.join(final, _SUCCESS)):
         os.makedirs(cache_dir, exist_ok=True)
@@ -104,6 +106,19 @@ def cached_synthetic(args: SyntheticArgs, cache_dir: str) -> tuple[str, list[str
         if name.startswith("interactions-") and name.endswith(ext)
     )
     return final, paths
+
+
+def _cached_remote(args: SyntheticArgs, final: Lake) -> tuple[str, list[str]]:
+    if not final.exists(_SUCCESS):
+        final.remove("")  # a crashed earlier upload
+        with tempfile.TemporaryDirectory(prefix="scalerec-synthetic-") as local:
+            generate_synthetic(args, local)
+            for name in sorted(os.listdir(local)):
+                final.fs.put_file(os.path.join(local, name), final.path(name))
+        final.write_bytes(_SUCCESS, b"")
+    ext = _EXT[args.format]
+    names = [n for n in final.listdir("") if n.startswith("interactions-") and n.endswith(ext)]
+    return final.uri, [final.full_uri(n) for n in names]
 
 
 def generate_synthetic(args: SyntheticArgs, out_dir: str) -> list[str]:

@@ -131,9 +131,11 @@ class LocalCluster:
             text=True,
             timeout=60,
         )
-        if out.returncode != 0:
-            return 0
-        return sum(n.get("state") == "ALIVE" for n in json.loads(out.stdout or "[]"))
+        try:
+            nodes = json.loads(out.stdout) if out.returncode == 0 else []
+        except json.JSONDecodeError:  # "No resource in the cluster" while it starts
+            nodes = []
+        return sum(n.get("state") == "ALIVE" for n in nodes)
 
     def stop(self) -> None:
         """Stop every node, workers first."""

@@ -214,6 +214,22 @@ def test_jsonl_and_parquet_sources(ray_cluster, tmp_path, fmt):
     assert sorted(ds.users().column("user_id").to_pylist()) == ["1", "2"]
 
 
+def test_synthetic_raw_files_go_to_an_s3_lake(s3_bucket, tmp_path, monkeypatch):
+    from app.config import SyntheticArgs
+    from app.ingest.synthetic import cached_synthetic
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in a local folder named "s3:"
+    args = SyntheticArgs(n_users=30, n_items=20, n_interactions=200, n_files=2)
+    folder, paths = cached_synthetic(args, f"s3://{s3_bucket}/lake/raw")
+    assert folder.startswith(f"s3://{s3_bucket}/lake/raw/synthetic-")
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "interactions-00000-of-00002.parquet",
+        "interactions-00001-of-00002.parquet",
+    ]
+    assert Lake(folder).exists("items.csv") and not list(tmp_path.iterdir())
+    assert cached_synthetic(args, f"s3://{s3_bucket}/lake/raw") == (folder, paths)  # cached
+
+
 def test_ingest_from_and_to_s3(ray_cluster, s3_bucket, tmp_path):
     import fsspec
 
