@@ -123,19 +123,29 @@ class LocalCluster:
         return node
 
     def alive_nodes(self) -> int:
-        """How many nodes the cluster counts alive (``ray list nodes`` through the dashboard)."""
+        """How many nodes the cluster counts alive."""
+        return sum(n.get("state") == "ALIVE" for n in self.state("nodes"))
+
+    def state(self, *args: str) -> list[dict]:
+        """``ray list <args> --format json`` through the dashboard (token included)."""
         out = subprocess.run(
-            [str(BIN / "ray"), "list", "nodes", "--address", self.dashboard, "--format", "json"],
+            [str(BIN / "ray"), "list", *args, "--address", self.dashboard, "--format", "json"],
             env=self.env,
             capture_output=True,
             text=True,
             timeout=60,
         )
         try:
-            nodes = json.loads(out.stdout) if out.returncode == 0 else []
+            return list(json.loads(out.stdout)) if out.returncode == 0 else []
         except json.JSONDecodeError:  # "No resource in the cluster" while it starts
-            nodes = []
-        return sum(n.get("state") == "ALIVE" for n in nodes)
+            return []
+
+    def node_id(self, resource: str) -> str:
+        """The id of the alive node that holds custom ``resource``."""
+        for n in self.state("nodes", "--detail"):
+            if n.get("state") == "ALIVE" and resource in n.get("resources_total", {}):
+                return str(n["node_id"])
+        raise LookupError(f"no alive node holds {resource}")
 
     def stop(self) -> None:
         """Stop every node, workers first."""
@@ -144,8 +154,13 @@ class LocalCluster:
 
 
 @contextmanager
-def local_cluster(head_cpus: int = 2, head_resources: dict | None = None) -> Iterator[LocalCluster]:
-    """A head node on loopback with its dashboard on 127.0.0.1 and a fresh auth token."""
+def local_cluster(
+    head_cpus: int = 2, head_resources: dict | None = None, env: dict[str, str] | None = None
+) -> Iterator[LocalCluster]:
+    """A head node on loopback with its dashboard on 127.0.0.1 and a fresh auth token.
+
+    ``env`` is added to every node's environment (S3 endpoint and credentials, say).
+    """
     root = Path(tempfile.mkdtemp(prefix="sr-cluster-", dir="/tmp"))
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -153,7 +168,7 @@ def local_cluster(head_cpus: int = 2, head_resources: dict | None = None) -> Ite
     gcs_port, dash_port = free_port(), free_port()
     cluster = LocalCluster(
         root=root,
-        env=cluster_env(token),
+        env={**cluster_env(token), **(env or {})},
         gcs=f"127.0.0.1:{gcs_port}",
         dashboard=f"http://127.0.0.1:{dash_port}",
     )
