@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import requests
 import yaml
 from ray_nodes import BIN, ROOT, LocalCluster, local_cluster
-from serving import free_port
+from serving import free_port, wait_healthy
 
 from app.serve.store import load_catalogue
 from app.store import Lake, get_record
@@ -148,17 +147,11 @@ def test_serve_deploy_of_local_yaml_answers_recommend(
     ray_cli(cluster, "serve", "deploy", str(path), "--address", cluster.dashboard)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                status = ray_cli(cluster, "serve", "status", "--address", cluster.dashboard)
-                raise AssertionError(f"serve deploy did not answer on {url}:\n{status}")
-            time.sleep(1)
+        try:
+            wait_healthy(url, timeout=240)
+        except TimeoutError:
+            status = ray_cli(cluster, "serve", "status", "--address", cluster.dashboard)
+            raise AssertionError(f"serve deploy did not answer on {url}:\n{status}") from None
         key = (lake / "demo_api_key").read_text().strip()  # made by the app's builder
         ds = get_record(Lake(str(lake)), "synthetic-mf", "latest").lineage["dataset"]
         user = next(iter(load_catalogue(Lake(str(lake)), ds["name"], ds["version"]).user_index))
