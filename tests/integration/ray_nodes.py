@@ -104,7 +104,8 @@ class LocalCluster:
         self, name: str, num_cpus: int, resources: dict[str, float] | None = None
     ) -> Node:
         """Join a worker node with its own CPUs and custom resources (to force placement)."""
-        before = self.alive_nodes()
+        # Node ids, not a count: a node killed just before may still count as alive.
+        before = self.alive_ids()
         node = self._start(
             name,
             [
@@ -116,7 +117,7 @@ class LocalCluster:
             ],
         )
         deadline = time.monotonic() + 120
-        while self.alive_nodes() <= before:
+        while not self.alive_ids() - before:
             if node.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {name} did not join:\n{node.log.read_text()[-3000:]}")
             time.sleep(1)
@@ -124,7 +125,11 @@ class LocalCluster:
 
     def alive_nodes(self) -> int:
         """How many nodes the cluster counts alive."""
-        return sum(n.get("state") == "ALIVE" for n in self.state("nodes"))
+        return len(self.alive_ids())
+
+    def alive_ids(self) -> set[str]:
+        """The ids of the nodes the cluster counts alive."""
+        return {str(n["node_id"]) for n in self.state("nodes") if n.get("state") == "ALIVE"}
 
     def state(self, *args: str) -> list[dict]:
         """``ray list <args> --format json`` through the dashboard (token included)."""

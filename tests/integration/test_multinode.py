@@ -172,6 +172,7 @@ def test_training_survives_a_lost_worker_node(cluster, spread_run, s3_env, recor
     victim.kill()  # SIGKILL of the raylet's whole process group, mid-training
     killed_at = time.monotonic()
     cluster.add_worker("c", 2, {**WORKER, "node_c": 1})  # the autoscaler's replacement
+    deadline = time.monotonic() + 600  # node death detection, restart, the remaining epochs
     while "SUCCEEDED" not in (status := job_cli(cluster, "status", job)):
         assert "FAILED" not in status and time.monotonic() < deadline, job_cli(
             cluster, "logs", job
@@ -260,8 +261,14 @@ def served(cluster, spread_run, tmp_path_factory) -> Iterator[tuple[str, list[st
     while len(replicas(cluster)) < 2 or not _healthy(url):
         assert time.monotonic() < deadline, "the two replicas did not come up"
         time.sleep(2)
-    record = get_record(Lake(spread_run), "synthetic-mf", "latest").lineage["dataset"]
-    users = list(load_catalogue(Lake(spread_run), record["name"], record["version"]).user_index)
+    # Module fixtures run before the per-test S3 credentials (s3_client_env): set them here.
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in cluster.env.items():
+            if "AWS" in k:
+                mp.setenv(k, v)
+        record = get_record(Lake(spread_run), "synthetic-mf", "latest").lineage["dataset"]
+        catalogue = load_catalogue(Lake(spread_run), record["name"], record["version"])
+        users = list(catalogue.user_index)
     yield url, [f"{url}/recommend/{u}?k=5" for u in users[:50]]
     shutdown = [str(BIN / "serve"), "shutdown", "-y", "--address", cluster.dashboard]
     subprocess.run(shutdown, env=cluster.env, timeout=120)
