@@ -28,7 +28,7 @@ def test_bad_rows_get_a_reason_each(tmp_path, read_csv):
             "missing or unparsable timestamp",
             "negative rating",
             "non-numeric rating",
-            "missing or unparsable timestamp",
+            "timestamp out of range (1970-01-01 to 2262-04-11)",
             "malformed CSV row: expected 4 fields, got 2",
         ]
     )
@@ -53,7 +53,10 @@ def test_iso_and_millisecond_timestamps(tmp_path, read_csv):
     # a bare number parses as a year (1000 AD): before 1970, so quarantined, never a crash
     p.write_text("userId,movieId,rating,timestamp\n1,10,4,1000\n1,11,4,2020-01-01T00:00:10Z\n")
     t = read_csv(p, timestamp_unit="iso")
-    assert t.column("reason").to_pylist() == ["missing or unparsable timestamp", None]
+    assert t.column("reason").to_pylist() == [
+        "timestamp out of range (1970-01-01 to 2262-04-11)",
+        None,
+    ]
     p.write_text("userId,movieId,rating,timestamp\n1,10,4,1577836810500\n")
     assert read_csv(p, timestamp_unit="ms").column("ts").to_pylist() == [1577836810]
 
