@@ -9,10 +9,10 @@ files (files, MovieLens, synthetic, or a version + its live events: ``app.ingest
 from app.ingest.errors import IngestError, SourceError
 from app.ingest.manifest import summary_table
 from app.ingest.pipeline import IngestProfile, run
-from app.ingest.readers import as_binary
 from app.ingest.sources import RawSource, resolve_source
 from app.ingest.split import dedupe_and_split, item_order_key
 from app.ingest.synthetic import SYNTHETIC_COLUMNS, generate_synthetic
+from app.ingest.values import as_binary
 
 __all__ = [
     "SYNTHETIC_COLUMNS",

@@ -45,7 +45,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from app.config import ColumnMap, DataArgs, EventsArgs
@@ -53,7 +52,6 @@ from app.ingest.errors import SourceError
 from app.ingest.sources import RawSource
 from app.store import (
     GENRES,
-    INTERACTION_SCHEMA,
     ITEM_ID,
     ITEM_IDX,
     SPLITS,
@@ -191,13 +189,7 @@ def items_table(items: pa.Table) -> pa.Table | None:
 def _previous_batches(previous: DatasetVersion, split: str) -> Iterator[pa.Table]:
     users = id_array(previous.users(), USER_IDX, USER_ID)
     items = id_array(previous.items(), ITEM_IDX, ITEM_ID)
-    lake = previous.lake
-    ds = pads.dataset(
-        previous.split_path(split),
-        filesystem=lake.arrow_fs,
-        format="parquet",
-        schema=INTERACTION_SCHEMA,
-    )
+    ds = previous.arrow_dataset(split)  # the listed files only
     for batch in ds.to_batches():
         if batch.num_rows:
             yield previous_rows(pa.Table.from_batches([batch]), users, items)

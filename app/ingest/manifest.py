@@ -1,8 +1,11 @@
 """The dataset manifest of an ingest (per-file row accounting, splits, protocol) and its summary.
 
 ``build_manifest`` refuses to publish when a file's rows do not add up: every row read is
-ingested, quarantined with a reason, or collapsed as a duplicate. An ``events`` ingest also
-records ``events_cursor`` (where it stopped reading the event log) and its events' counts.
+ingested, quarantined with a reason, or collapsed as a duplicate. The manifest lists the exact
+files of each split (``split_files``, relative to the version folder) and of the quarantine:
+readers read those and nothing else, so files that a crashed attempt left behind are never
+read. An ``events`` ingest also records ``events_cursor`` (where it stopped reading the event
+log) and its events' counts.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from app.ingest.sources import RawSource
 from app.ingest.split import DUPLICATE, QUARANTINED
 from app.store import GENRES, INTERACTION_SCHEMA, SPLITS, utc_now
 
-# Version ids change when the pipeline's output format changes.
-PIPELINE_VERSION = 1
+# Version ids change when the pipeline's output format changes (2: listed split files, rows
+# sorted by user and time within each file, deterministic tie-breaks).
+PIPELINE_VERSION = 2
 
 
 def build_manifest(
@@ -33,6 +37,10 @@ def build_manifest(
     items: pa.Table,
     quarantine_uri: str | None,
     warnings: list[str],
+    *,
+    split_files: dict[str, list[str]] | None = None,
+    quarantine_files: list[str] | None = None,
+    ingest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of dataset version ``version``, less ``ingest_seconds`` (known at publish).
 
@@ -48,6 +56,10 @@ def build_manifest(
         items: The item id map, with genres.
         quarantine_uri: Where the quarantined rows are, or None when there are none.
         warnings: Non-fatal findings (e.g. empty files).
+        split_files: Per split, its files relative to the version folder (the only files
+            readers read); None leaves the key out (readers then read each split's folder).
+        quarantine_files: The quarantine's files, relative to ``quarantine_uri``.
+        ingest: How the version was built (attempt id, units, buckets), for the record.
 
     Raises:
         IngestError: when a file's rows do not add up or rows belong to no input file.
@@ -94,6 +106,7 @@ def build_manifest(
         "quarantine": {
             "reasons": reasons,
             "path": quarantine_uri,
+            "files": list(quarantine_files or []),
         },
         "schema": {f.name: str(f.type) for f in INTERACTION_SCHEMA},
         "protocol": {
@@ -108,6 +121,8 @@ def build_manifest(
         "rows_check": "rows_read == rows_ingested + rows_quarantined + duplicates_collapsed",
         "pipeline_version": PIPELINE_VERSION,
         "warnings": warnings,
+        **({"split_files": split_files} if split_files is not None else {}),
+        **({"ingest": ingest} if ingest is not None else {}),
         **_events_entries(src, files),
     }
 

@@ -13,35 +13,52 @@ supported: each of its lines is quarantined on its own. ``count_rows`` counts th
 file from its bytes (or Parquet metadata) alone, so that every counted record comes out of its
 reader exactly once, as a normalised or a quarantined row. The ``row`` of a text record is its
 0-based line number in the file (a CSV header is line 0); Parquet rows have -1.
+
+Line framing and counting are in ``app.ingest.records``, CSV parsing in ``app.ingest.csv_parse``.
 """
 
 from __future__ import annotations
 
-import codecs
-import io
 import json
 import re
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from app.config import DataArgs
+from app.ingest.csv_parse import (
+    CSV_CARRIAGE_RETURN,
+    CSV_QUOTES,
+    CsvRun,
+    check_csv_columns,
+    csv_header,
+)
 from app.ingest.errors import IngestError
-from app.ingest.sources import FORMAT_SUFFIXES, RawSource
+from app.ingest.ids import id_reasons
+from app.ingest.records import (
+    CR,
+    WS,
+    blank_lines,
+    count_records,
+    file_format,
+    is_utf8,
+    line_bounds,
+    line_runs,
+    open_bytes,
+    raw_text,
+    utf8_blocks,
+)
+from app.ingest.sources import RawSource
 from app.ingest.validate import (
     bad_rows,
     check_columns,
-    id_reasons,
     normalise,
     wanted_columns,
 )
+from app.ingest.values import json_binary
 from app.store import filesystem_for, s3_storage_options
 
 MAX_ROW_BYTES = 4 << 20
@@ -50,22 +67,10 @@ ROW_TOO_LONG = f"row too long (over {MAX_ROW_BYTES >> 20} MiB)"
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays and objects in a JSON line; deeper lines are quarantined."""
 JSON_TOO_DEEP = f"invalid JSON (nested deeper than {MAX_JSON_DEPTH} levels)"
-CSV_QUOTES = "malformed CSV row: unbalanced quotes (a quoted value cannot span lines)"
-CSV_CARRIAGE_RETURN = "malformed CSV row: carriage return inside the row"
-CSV_UNPARSABLE = "malformed CSV row: cannot be parsed"
 _HEADER_TOO_LONG = "{path}: the CSV header is longer than " + f"{MAX_ROW_BYTES >> 20} MiB"
 
 # Files are read in blocks of this many bytes; CSV is parsed and normalised per block.
 _READ_BYTES = 16 << 20
-# pyarrow parses in blocks of this size (fastest around 1 MiB), or larger: a row must fit in one.
-_CSV_BLOCK_BYTES = 1 << 20
-# Quarantine keeps this many characters of a record that could not be parsed.
-_RAW_CHARS = 500
-_WS = b" \t\r\n\x0b\x0c"
-_BOM = codecs.BOM_UTF8
-_NEWLINE, _CR = 10, 13
-_IS_WS = np.zeros(256, dtype=bool)
-_IS_WS[list(_WS)] = True
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
@@ -91,155 +96,17 @@ def reader_spec(src: RawSource, data: DataArgs) -> dict[str, Any]:
 # ---------------------------------------------------------------- bytes and lines
 
 
-@contextmanager
-def _open(path: str, spec: dict[str, Any]) -> Iterator[IO[bytes]]:
-    """The file's bytes, decompressed by suffix (``.gz`` ...), local or on an object store."""
-    fs, p = filesystem_for(path, spec.get("storage_options"))
-    with fs.open(p, "rb", compression="infer") as f:
-        yield f
-
-
 def _blocks(f: IO[bytes], encoding: str, size: int | None = None) -> Iterator[bytes]:
-    """The file as UTF-8 blocks, a leading byte-order mark dropped.
-
-    Text in another encoding is transcoded here; bytes it cannot decode pass through as bytes
-    that are not UTF-8, so that validation quarantines only the values that hold them.
-    """
-    size = size or _READ_BYTES
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        raise IngestError(f"unknown encoding {encoding!r}: check data.encoding") from None
-    if name == "utf-8":
-        first = True
-        while block := f.read(size):
-            if first and block.startswith(_BOM):
-                block = block[len(_BOM) :]
-            first = False
-            if block:
-                yield block
-        return
-    decoder = codecs.getincrementaldecoder(name)("surrogateescape")
-    first = True
-    while True:
-        block = f.read(size)
-        text = decoder.decode(block, final=not block)
-        if first and text.startswith("\ufeff"):
-            text = text[1:]
-        if text:
-            first = False
-            yield text.encode("utf-8", "surrogateescape")
-        if not block:
-            return
-
-
-def _quiet_decode_errors(hook: Callable[[Any], object]) -> Callable[[Any], object]:
-    def quiet(unraisable: Any) -> object:
-        if isinstance(unraisable.exc_value, UnicodeDecodeError):
-            return None
-        return hook(unraisable)
-
-    return quiet
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _raw(data: bytes) -> str:
-    return data[: _RAW_CHARS * 4].decode("utf-8", "replace")[:_RAW_CHARS]
+    """The file as UTF-8 blocks of ``_READ_BYTES`` (``records.utf8_blocks``)."""
+    return utf8_blocks(f, encoding, size or _READ_BYTES)
 
 
 def _lines(blocks: Iterator[bytes]) -> Iterator[tuple[int, bytes | None, bytes]]:
-    r"""Split blocks into runs of whole lines: ``(first line number, run, b"")``.
-
-    A run ends with ``\n`` (but the file's last one may not). A line longer than the read
-    buffer is never held: it comes alone as ``(line number, None, its first bytes)``, unless
-    it is blank (then it is skipped, as a blank line is no record).
-    """
-    line_no = 0
-    carry = b""
-    skipping = False  # inside a line too long to hold
-    head = b""  # the start of that line
-    blank = True  # and whether it is blank so far
-    for block in blocks:
-        if skipping:
-            cut = block.find(b"\n")
-            part = block if cut < 0 else block[:cut]
-            blank = blank and not part.strip(_WS)
-            if cut < 0:
-                continue
-            if not blank:
-                yield line_no, None, head
-            line_no += 1
-            skipping, block = False, block[cut + 1 :]
-            if not block:
-                continue
-        data = carry + block if carry else block
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            run, carry = b"", data
-        else:
-            run, carry = data[: cut + 1], data[cut + 1 :]
-        if run:
-            yield line_no, run, b""
-            line_no += run.count(b"\n")
-        if len(carry) > MAX_ROW_BYTES:
-            skipping, head, blank = True, carry[: _RAW_CHARS * 4], not carry.strip(_WS)
-            carry = b""
-    if skipping and not blank:
-        yield line_no, None, head
-    elif carry:
-        yield line_no, carry, b""
-
-
-def _line_bounds(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""Per line of a run: start, end of content (before ``\r\n`` / ``\n``) and end (after)."""
-    nl = np.flatnonzero(arr == _NEWLINE)
-    stops = nl + 1
-    if len(arr) and arr[-1] != _NEWLINE:
-        stops = np.append(stops, len(arr))
-        nl = np.append(nl, len(arr))
-    starts = np.empty(len(stops), dtype=np.int64)
-    if len(stops):
-        starts[0] = 0
-        starts[1:] = stops[:-1]
-    ends = nl.astype(np.int64)
-    has = ends > starts
-    cr = np.zeros(len(ends), dtype=bool)
-    cr[has] = arr[ends[has] - 1] == _CR
-    return starts, ends - cr, stops
-
-
-def _blank_lines(arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Which lines hold only whitespace; only lines that start with whitespace are scanned."""
-    if not len(starts):
-        return np.zeros(0, dtype=bool)
-    empty = ends <= starts
-    maybe = empty.copy()
-    maybe[~empty] = _IS_WS[arr[starts[~empty]]]
-    if not maybe.any():
-        return maybe
-    # A line is blank when none of its bytes (up to the next line's start) is non-space.
-    nonws = ~_IS_WS[arr]
-    has_text = np.logical_or.reduceat(nonws, starts) if len(arr) else np.zeros(0, dtype=bool)
-    return maybe & ~has_text
+    """Runs of whole lines, lines over ``MAX_ROW_BYTES`` alone (``records.line_runs``)."""
+    return line_runs(blocks, MAX_ROW_BYTES)
 
 
 # ---------------------------------------------------------------- counting
-
-
-def _format(path: str, spec: dict[str, Any]) -> str:
-    if spec.get("format"):
-        return str(spec["format"])
-    for fmt, suffixes in FORMAT_SUFFIXES.items():
-        if path.lower().endswith(suffixes):
-            return fmt
-    raise IngestError(f"{path}: cannot tell the format; set spec['format']")
 
 
 def count_rows(path: str, spec: dict[str, Any]) -> int:
@@ -250,203 +117,16 @@ def count_rows(path: str, spec: dict[str, Any]) -> int:
     Every record comes out of ``csv_batches`` / ``jsonl_batches`` / ``parquet_table`` as
     exactly one normalised or quarantined row, so ``rows_read`` can be checked against them.
     """
-    fmt = _format(path, spec)
+    fmt = file_format(path, spec)
     if fmt == "parquet":
         fs, p = filesystem_for(path, spec.get("storage_options"))
         with fs.open(p, "rb") as f:
             return int(pq.ParquetFile(f).metadata.num_rows)
-    records = 0
-    line_no = 0  # of the next line to finish
-    open_line = False  # a line is in progress across blocks
-    open_text = False  # and it holds a non-space byte
-    first_text = False  # line 0 holds a non-space byte (a CSV header)
-    with _open(path, spec) as f:
-        for block in _blocks(f, spec.get("encoding", "utf-8")):
-            arr = np.frombuffer(block, dtype=np.uint8)
-            nl = np.flatnonzero(arr == _NEWLINE)
-            if not len(nl):
-                open_line = True
-                open_text = open_text or bool(block.strip(_WS))
-                continue
-            # Line i of this block ends at nl[i]; it may have started in an earlier block.
-            starts = np.r_[0, nl[:-1] + 1]
-            whole = arr[: nl[-1] + 1]
-            first_ws = _IS_WS[whole[starts]]
-            text = ~first_ws
-            if first_ws.any():
-                text = np.logical_or.reduceat(~_IS_WS[whole], starts)
-            if open_line:
-                text[0] = text[0] or open_text
-            if line_no == 0:
-                first_text = bool(text[0])
-            records += int(np.count_nonzero(text))
-            line_no += len(nl)
-            tail = block[nl[-1] + 1 :]
-            open_line, open_text = bool(tail), bool(tail.strip(_WS))
-    if open_line:
-        records += int(open_text)
-        if line_no == 0:
-            first_text = open_text
-    if fmt == "csv":
-        records -= int(first_text)
-    return records
+    with open_bytes(path, spec) as f:
+        return count_records(_blocks(f, spec.get("encoding", "utf-8")), header=fmt == "csv")
 
 
 # ---------------------------------------------------------------- CSV
-
-
-def _csv_header(line: bytes, path: str, spec: dict[str, Any]) -> list[str]:
-    """Column names of a CSV header line (UTF-8 bytes, line end included or not)."""
-    try:
-        return pacsv.read_csv(
-            io.BytesIO(line.rstrip(b"\r\n") + b"\n"),
-            parse_options=pacsv.ParseOptions(delimiter=spec["delimiter"]),
-        ).schema.names
-    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        raise IngestError(
-            f"{path}: cannot read the CSV header ({exc}); check data.encoding "
-            f"({spec['encoding']}) and data.delimiter ({spec['delimiter']!r})"
-        ) from None
-
-
-def _check_csv_columns(path: str, names: list[str], spec: dict[str, Any]) -> None:
-    """``check_columns``, and each wanted column named once."""
-    check_columns(path, names, spec)
-    twice = [c for c in wanted_columns(spec) if names.count(c) > 1]
-    if twice:
-        raise IngestError(f"{path}: column(s) {', '.join(twice)} appear more than once")
-
-
-class _CsvRun:
-    """Parse one run of CSV lines with pyarrow, one record per line whatever the quoting.
-
-    pyarrow lets a quoted value run across lines: a stray quote would merge lines into one
-    record and break the count. So a run is parsed with a sentinel row after it (as many
-    empty fields as the header); when the records out are not one per line plus the sentinel,
-    the run is halved until the lines at fault stand alone, and those are quarantined.
-    """
-
-    def __init__(self, names: list[str], spec: dict[str, Any]) -> None:
-        self.names = names
-        self.sentinel = (spec["delimiter"] * (len(names) - 1) + "\n").encode()
-        self.block_size = _CSV_BLOCK_BYTES
-        self.undecodable = False  # the run holds bytes that are not UTF-8
-        self.wanted = wanted_columns(spec)
-        self.delimiter = spec["delimiter"]
-        self.convert_options = pacsv.ConvertOptions(
-            column_types={c: pa.binary() for c in self.wanted},
-            include_columns=self.wanted,
-            # Only an empty field is missing: "NA", "null" or "NaN" are text, as in JSON.
-            strings_can_be_null=False,
-        )
-
-    def _try(self, data: bytes, n: int) -> tuple[pa.Table, list[tuple[int, str, str]]] | None:
-        """Parse ``n`` lines; None unless they give ``n`` records (plus the sentinel's)."""
-        invalid: list[tuple[int, str, str]] = []
-
-        def on_invalid(row: Any) -> str:
-            invalid.append(
-                (
-                    -1 if row.number is None else row.number - 1,
-                    f"malformed CSV row: expected {row.expected_columns} fields, "
-                    f"got {row.actual_columns}",
-                    (row.text or "")[:_RAW_CHARS],
-                )
-            )
-            return "skip"
-
-        if data and not data.endswith(b"\n"):
-            data += b"\n"
-        hook = sys.unraisablehook
-        if self.undecodable:
-            # pyarrow cannot hand a row that is not UTF-8 to on_invalid: it fails decoding it
-            # (then the read fails and the run is halved) and reports the error as unraisable.
-            sys.unraisablehook = _quiet_decode_errors(hook)
-        try:
-            table = pacsv.read_csv(
-                pa.BufferReader(data + self.sentinel),
-                read_options=pacsv.ReadOptions(
-                    column_names=self.names, use_threads=False, block_size=self.block_size
-                ),
-                parse_options=pacsv.ParseOptions(
-                    delimiter=self.delimiter, invalid_row_handler=on_invalid
-                ),
-                convert_options=self.convert_options,
-            )
-        except (pa.ArrowInvalid, UnicodeDecodeError):
-            return None
-        finally:
-            sys.unraisablehook = hook
-        if table.num_rows + len(invalid) != n + 1 or any(not 0 <= i[0] < n for i in invalid):
-            return None
-        return table.slice(0, table.num_rows - 1), invalid
-
-    def parse(
-        self, buf: bytes, starts: np.ndarray, stops: np.ndarray, lines: np.ndarray
-    ) -> tuple[list[pa.Table], list[np.ndarray], list[tuple[int, str, str]]]:
-        """Parse ``lines`` (indices into the run ``buf``): tables, their line indices, bad lines.
-
-        Bad lines come back as ``(line index, reason, raw text)``.
-        """
-        longest = int((stops[lines] - starts[lines]).max()) if len(lines) else 0
-        self.block_size = max(_CSV_BLOCK_BYTES, 2 * longest + (1 << 16))
-        tables: list[pa.Table] = []
-        at: list[np.ndarray] = []
-        bad: list[tuple[int, str, str]] = []
-        todo = [lines]
-        while todo:
-            idx = todo.pop()
-            if not len(idx):
-                continue
-            got = self._try(self._gather(buf, starts, stops, idx), len(idx))
-            if got is not None:
-                table, invalid = got
-                for i, why, text in invalid:
-                    bad.append((int(idx[i]), why, text))
-                keep = np.delete(idx, [i for i, _, _ in invalid])
-                tables.append(table)
-                at.append(keep)
-            elif len(idx) == 1:
-                line = buf[starts[idx[0]] : stops[idx[0]]]
-                why = CSV_QUOTES if b'"' in line else CSV_UNPARSABLE
-                bad.append((int(idx[0]), why, _raw(line)))
-            else:
-                half = len(idx) // 2
-                todo += [idx[half:], idx[:half]]
-        return tables, at, bad
-
-    def check_undecodable(
-        self, buf: bytes, starts: np.ndarray, stops: np.ndarray, lines: np.ndarray
-    ) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
-        """Take out the lines that are not UTF-8 and have the wrong number of fields.
-
-        pyarrow cannot report such a row to the invalid-row handler (it fails decoding its
-        text), so each is parsed alone with its bad bytes replaced, only to count its fields. A
-        line with the right number of fields stays: validation quarantines its bad values.
-        """
-        high = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) >= 0x80)
-        suspects = np.intersect1d(np.searchsorted(starts, high, side="right") - 1, lines)
-        bad: list[tuple[int, str, str]] = []
-        for i in suspects:
-            line = buf[starts[i] : stops[i]]
-            if _is_utf8(line):
-                continue
-            got = self._try(line.decode("utf-8", "replace").encode(), 1)
-            if got is not None and got[1]:
-                bad.append((int(i), got[1][0][1], got[1][0][2]))
-        return np.setdiff1d(lines, [b[0] for b in bad]), bad
-
-    @staticmethod
-    def _gather(buf: bytes, starts: np.ndarray, stops: np.ndarray, idx: np.ndarray) -> bytes:
-        """The bytes of lines ``idx`` (ascending) of ``buf``, in order."""
-        first, last = int(idx[0]), int(idx[-1])
-        if last - first + 1 == len(idx):
-            return buf[starts[first] : stops[last]]
-        keep = np.zeros(len(buf) + 1, dtype=np.int8)
-        keep[starts[idx]] += 1
-        keep[stops[idx]] -= 1
-        mask = np.cumsum(keep[:-1], dtype=np.int8).astype(bool)
-        return np.frombuffer(buf, dtype=np.uint8)[mask].tobytes()
 
 
 def csv_batches(path: str, src: dict[str, Any]) -> Iterator[pa.Table]:
@@ -456,9 +136,9 @@ def csv_batches(path: str, src: dict[str, Any]) -> Iterator[pa.Table]:
     ``MAX_ROW_BYTES``, with a carriage return inside, with the wrong number of fields or an
     unclosed quote are quarantined, each on its own; blank lines are skipped.
     """
-    with _open(path, src) as f:
+    with open_bytes(path, src) as f:
         runs = _lines(_blocks(f, src["encoding"]))
-        parser: _CsvRun | None = None
+        parser: CsvRun | None = None
         for first, run, head in runs:
             if parser is None:
                 if run is None:
@@ -469,30 +149,30 @@ def csv_batches(path: str, src: dict[str, Any]) -> Iterator[pa.Table]:
                 header, run = (run, b"") if cut < 0 else (run[: cut + 1], run[cut + 1 :])
                 if len(header) > MAX_ROW_BYTES:
                     raise IngestError(_HEADER_TOO_LONG.format(path=path))
-                names = _csv_header(header, path, src)
-                _check_csv_columns(path, names, src)
-                parser = _CsvRun(names, src)
+                names = csv_header(header, path, src)
+                check_csv_columns(path, names, src)
+                parser = CsvRun(names, src)
                 first += 1
                 if not run:
                     continue
             if run is None:
-                yield bad_rows(path, [(first, ROW_TOO_LONG, _raw(head))])
+                yield bad_rows(path, [(first, ROW_TOO_LONG, raw_text(head))])
                 continue
             yield from _csv_run(run, first, path, src, parser)
 
 
 def _csv_run(
-    run: bytes, first: int, path: str, src: dict[str, Any], parser: _CsvRun
+    run: bytes, first: int, path: str, src: dict[str, Any], parser: CsvRun
 ) -> Iterator[pa.Table]:
     """Normalised rows of one run of whole lines that starts at line ``first``."""
     arr = np.frombuffer(run, dtype=np.uint8)
-    starts, ends, stops = _line_bounds(arr)
-    blank = _blank_lines(arr, starts, ends)
+    starts, ends, stops = line_bounds(arr)
+    blank = blank_lines(arr, starts, ends)
     too_long = ~blank & (ends - starts > MAX_ROW_BYTES)
     inner_cr = np.zeros(len(starts), dtype=bool)
     # pyarrow ends a row at a lone \r too: a line holding one would give two records.
-    if run.count(b"\r") > int(np.count_nonzero(arr[ends[ends < len(arr)]] == _CR)):
-        cr = np.flatnonzero(arr == _CR)
+    if run.count(b"\r") > int(np.count_nonzero(arr[ends[ends < len(arr)]] == CR)):
+        cr = np.flatnonzero(arr == CR)
         line = np.searchsorted(starts, cr, side="right") - 1
         inside = cr < ends[line]
         inner_cr[line[inside]] = True
@@ -508,9 +188,9 @@ def _csv_run(
     bad = [(int(i), ROW_TOO_LONG) for i in np.flatnonzero(too_long)]
     bad += [(int(i), CSV_CARRIAGE_RETURN) for i in np.flatnonzero(inner_cr)]
     bad += [(int(i), CSV_QUOTES) for i in np.flatnonzero(odd_quotes)]
-    quarantined = [(first + i, why, _raw(run[starts[i] : ends[i]])) for i, why in bad]
+    quarantined = [(first + i, why, raw_text(run[starts[i] : ends[i]])) for i, why in bad]
     lines = np.flatnonzero(~blank & ~too_long & ~inner_cr & ~odd_quotes)
-    parser.undecodable = bool(len(arr)) and int(arr.max()) >= 0x80 and not _is_utf8(run)
+    parser.undecodable = bool(len(arr)) and int(arr.max()) >= 0x80 and not is_utf8(run)
     if parser.undecodable:
         lines, malformed = parser.check_undecodable(run, starts, stops, lines)
         quarantined += [(first + i, why, text) for i, why, text in malformed]
@@ -584,50 +264,27 @@ def jsonl_batches(path: str, src: dict[str, Any], chunk: int = 200_000) -> Itera
             yield bad_rows(path, bad)
             bad.clear()
 
-    with _open(path, src) as f:
+    with open_bytes(path, src) as f:
         for first, run, head in _lines(_blocks(f, src["encoding"])):
             if run is None:
-                bad.append((first, ROW_TOO_LONG, _raw(head)))
+                bad.append((first, ROW_TOO_LONG, raw_text(head)))
                 continue
             lines = run.split(b"\n")
             if run.endswith(b"\n"):
                 lines.pop()
             for n, line in enumerate(lines, start=first):
-                text = line.strip(_WS)
+                text = line.strip(WS)
                 if not text:
                     continue
                 obj, why = _json_object(text)
                 if obj is None:
-                    bad.append((n, str(why), _raw(text)))
+                    bad.append((n, str(why), raw_text(text)))
                     continue
                 rows.append(tuple(map(obj.get, wanted)))
                 numbers.append(n)
                 if len(rows) >= chunk or len(bad) >= chunk:
                     yield from flush()
         yield from flush()
-
-
-def _binary(values: tuple[Any, ...]) -> tuple[pa.Array, np.ndarray]:
-    """JSON values (str or None on the fast path) as a binary column, and a not-a-scalar mask.
-
-    Booleans, arrays and objects become their JSON text; text that is not valid Unicode stays
-    bytes that are not UTF-8, so that validation quarantines it.
-    """
-    flagged = np.zeros(len(values), dtype=bool)
-    try:
-        return pc.cast(pa.array(values, pa.string()), pa.binary()), flagged
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
-        pass
-    out: list[bytes | None] = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        if not isinstance(v, str):
-            flagged[i] = True
-            v = json.dumps(v)
-        out.append(v.encode("utf-8", "surrogatepass"))
-    return pa.array(out, pa.binary()), flagged
 
 
 def _jsonl_table(
@@ -643,7 +300,7 @@ def _jsonl_table(
     arrays = {}
     reasons = None
     for c, values in zip(wanted, columns, strict=True):
-        arrays[c], flagged = _binary(values)
+        arrays[c], flagged = json_binary(values)
         for key, label in ((src["user"], "user"), (src["item"], "item")):
             if c == key and flagged.any():
                 if reasons is None:
@@ -672,48 +329,6 @@ def parquet_table(part: pa.Table, path: str, spec: dict[str, Any]) -> pa.Table:
     return normalise(pa.table(cols), path, -1, spec)
 
 
-def as_binary(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Typed Parquet values as the binary text a CSV reader would give, for ``normalise``.
-
-    Whole floats give the same text as integers (``1.0`` -> ``1``), timestamps become Unix
-    seconds, dictionary columns their values, and values Arrow cannot cast become JSON.
-    """
-    if pa.types.is_timestamp(col.type):
-        # whole seconds, as the CSV path floors them (unsafe: fractions are dropped, not errors)
-        col = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
-    if pa.types.is_floating(col.type):
-        # 1.0 and 1 must give the same id / value text.
-        ints = pc.cast(col, pa.int64(), safe=False)
-        col = pc.if_else(
-            pc.equal(pc.cast(ints, col.type, safe=False), col),
-            pc.cast(ints, pa.string()),
-            pc.cast(col, pa.string()),
-        )
-    if pa.types.is_dictionary(col.type):
-        col = pc.cast(col, col.type.value_type)
-    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-        # Arrow has no int → binary cast; going via string stays vectorised (no per-value Python).
-        col = pc.cast(col, pa.string())
-    try:
-        return pc.cast(col, pa.binary())
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-        pass
-    try:
-        return pc.cast(pc.cast(col, pa.string()), pa.binary())
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-        return pa.chunked_array(
-            [
-                pa.array(
-                    [
-                        None if v is None else json.dumps(v, default=str).encode()
-                        for v in col.to_pylist()
-                    ],
-                    pa.binary(),
-                )
-            ]
-        )
-
-
 # ---------------------------------------------------------------- headers
 
 
@@ -733,7 +348,7 @@ def check_headers(src: RawSource, spec: dict[str, Any]) -> list[str]:
                 names = pq.read_schema(f).names
             check_columns(path, names, spec)
         elif src.format == "csv":
-            with _open(path, spec) as f:
+            with open_bytes(path, spec) as f:
                 first = next(_lines(_blocks(f, spec["encoding"], size=1 << 16)), None)
             if first is None:
                 warnings.append(f"{path}: empty file")
@@ -742,5 +357,5 @@ def check_headers(src: RawSource, spec: dict[str, Any]) -> list[str]:
             header = None if run is None else run.split(b"\n", 1)[0]
             if header is None or len(header) > MAX_ROW_BYTES:
                 raise IngestError(_HEADER_TOO_LONG.format(path=path))
-            _check_csv_columns(path, _csv_header(header, path, spec), spec)
+            check_csv_columns(path, csv_header(header, path, spec), spec)
     return warnings

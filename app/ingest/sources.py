@@ -8,6 +8,10 @@ a sorted list of raw files (local paths or ``s3://`` URIs) plus how to read them
   and checksum-verified; the old formats are converted once under ``cache_dir``.
 - ``synthetic``: the latent-factor generator (``app.ingest.synthetic``), written once under
   ``cache_dir`` and reused.
+
+With an object-store ``cache_dir`` (an ``s3://`` lake's ``raw/``) the MovieLens and synthetic
+files are uploaded there once and read from there: Ray workers on other nodes cannot read the
+driver's disk.
 - ``events``: the newest version of ``data.name`` in the lake plus the live events logged since
   it (``app.ingest.events_source``), materialised once as Parquet under ``cache_dir``.
 
@@ -17,6 +21,7 @@ a sorted list of raw files (local paths or ``s3://`` URIs) plus how to read them
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,12 +30,13 @@ from app.config import ColumnMap, DataArgs, EventsArgs
 from app.ingest.errors import SourceError
 from app.ingest.movielens import MOVIELENS_COLUMNS, locate_movielens
 from app.ingest.synthetic import SYNTHETIC_COLUMNS, SYNTHETIC_ITEMS_FILE, cached_synthetic
-from app.store import Lake, filesystem_for, sha256_file
+from app.store import Lake, content_id, filesystem_for, sha256_file
 
 if TYPE_CHECKING:
     from app.ingest.events_source import EventsRead
 
 RawFormat = Literal["csv", "parquet", "jsonl"]
+_SUCCESS = "_SUCCESS"
 TimestampUnit = Literal["s", "ms", "iso"]
 
 FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -100,7 +106,10 @@ def resolve_source(
     if data.source == "files":
         return _resolve_files(data)
     if data.source == "movielens":
-        ratings, movies, folder = locate_movielens(data, cache_dir)
+        if "://" in cache_dir:
+            ratings, movies, folder = _movielens_on_lake(data, cache_dir)
+        else:
+            ratings, movies, folder = locate_movielens(data, cache_dir)
         where = f"MovieLens {data.variant} at {folder}"
         return RawSource(
             [ratings], "csv", MOVIELENS_COLUMNS, item_features=movies, description=where
@@ -118,6 +127,26 @@ def resolve_source(
             f"seed {args.seed} at {folder}"
         ),
     )
+
+
+def _movielens_on_lake(data: DataArgs, cache_dir: str) -> tuple[str, str, str]:
+    """``locate_movielens`` with the ratings and movies uploaded under an object-store cache.
+
+    The files are converted (old variants) in a local temporary folder and uploaded once into
+    ``<cache_dir>/movielens-<variant>-<content id>/``, complete when ``_SUCCESS`` exists; a
+    rerun finds them there. Returns the uploaded files' URIs and the local variant folder.
+    """
+    with tempfile.TemporaryDirectory(prefix="scalerec-movielens-") as local:
+        ratings, movies, folder = locate_movielens(data, local)
+        hashes = {"ratings": sha256_file(ratings), "movies": sha256_file(movies)}
+        key = content_id({"variant": data.variant, **hashes})
+        remote = Lake(cache_dir.rstrip("/") + f"/movielens-{data.variant}-{key}")
+        if not remote.exists(_SUCCESS):
+            remote.remove("")  # a crashed earlier upload
+            for name, path in (("ratings.csv", ratings), ("movies.csv", movies)):
+                remote.fs.put_file(path, remote.path(name))
+            remote.write_bytes(_SUCCESS, b"")
+    return remote.full_uri("ratings.csv"), remote.full_uri("movies.csv"), folder
 
 
 def _is_local(fs: Any) -> bool:

@@ -7,7 +7,11 @@ Layout of ``<lake>/datasets/<name>/<version>/`` (written by the ingest pipeline)
 - ``users.parquet``: ``user_idx``, ``user_id`` (raw id as a string)
 - ``items.parquet``: ``item_idx``, ``item_id`` (raw id as a string), ``genres`` (list of strings)
 - ``manifest.json``: counts, schema, splits, source, config; written last (publishes the version);
-  ``events_cursor`` when live events were ingested into it (``DatasetVersion.events_cursor``)
+  ``events_cursor`` when live events were ingested into it (``DatasetVersion.events_cursor``);
+  ``split_files``: the exact files of each split, relative to the version folder. Readers read
+  only those (``DatasetVersion.split_paths``): on S3 a crashed ingest attempt may have left other
+  files in the folder. A manifest without the list (older versions, ``write_dataset``) means
+  every file of the split's folder.
 
 ``write_dataset`` publishes a version in this layout from in-memory splits (synthetic data for
 tests and benchmarks).
@@ -103,23 +107,35 @@ class DatasetVersion:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return self.lake.path(self.rel, split)
 
+    def split_paths(self, split: str) -> list[str]:
+        """Scheme-less paths of a split's files as the manifest lists them (else its folder)."""
+        listed = self.manifest.get("split_files")
+        if listed is None:
+            return [self.split_path(split)]
+        self.split_path(split)  # checks the name
+        return [self.lake.path(self.rel, f) for f in listed.get(split, [])]
+
+    def arrow_dataset(self, split: str) -> pads.Dataset:
+        """A split as a pyarrow dataset: its listed files, or every file of its folder."""
+        fs = self.lake.arrow_fs
+        if "split_files" not in self.manifest:
+            return pads.dataset(self.split_path(split), filesystem=fs, format="parquet")
+        # Listed files are the pipeline's own, all of the interaction schema.
+        paths = self.split_paths(split)
+        return pads.dataset(paths, filesystem=fs, format="parquet", schema=INTERACTION_SCHEMA)
+
     def read_ds(self, *splits: str) -> ray.data.Dataset:
         """Ray Dataset over one or more splits (streamed, never collected in the driver)."""
         import ray.data
 
-        paths = [self.split_path(s) for s in splits]
+        paths = [p for s in splits for p in self.split_paths(s)]
         return ray.data.read_parquet(
             paths, filesystem=self.lake.arrow_fs, schema=INTERACTION_SCHEMA
         )
 
     def read_table(self, *splits: str) -> pa.Table:
         """Load splits into one Arrow table (fine for catalogues that fit in memory)."""
-        tables = [
-            pads.dataset(self.split_path(s), filesystem=self.lake.arrow_fs, format="parquet")
-            .to_table()
-            .cast(INTERACTION_SCHEMA)
-            for s in splits
-        ]
+        tables = [self.arrow_dataset(s).to_table().cast(INTERACTION_SCHEMA) for s in splits]
         return pa.concat_tables(tables)
 
     def users(self) -> pa.Table:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from app import ingest
-from app.config import load_config
+from app.config import DataArgs, load_config
 from app.store import Lake, load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,3 +262,186 @@ def test_ingest_from_and_to_s3(ray_cluster, s3_bucket, tmp_path):
     assert again.read_table("train", "valid", "test").num_rows == 20
     assert fs.exists(f"{s3_bucket}/lake/quarantine/s3data/{ds.version}")
     assert not fs.exists(f"{s3_bucket}/lake/tmp/ingest-s3data-{ds.version}")
+
+
+def test_readers_read_only_the_listed_split_files(ray_cluster, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "r.csv").write_text(
+        HEADER + "".join(f"{u},{i},4,{100 * u + i}\n" for u in range(6) for i in range(5))
+    )
+    cfg = load_config(None, [f"lake={tmp_path / 'lake'}", "data.source=files", f"data.path={raw}"])
+    ds = ingest.run(cfg.data, Lake(cfg.lake))
+    listed = ds.manifest["split_files"]
+    assert sorted(listed) == ["test", "train", "valid"]
+    attempt = ds.manifest["ingest"]["attempt"]
+    assert all(f.startswith(f"{s}/part-{attempt}-") for s, fs in listed.items() for f in fs)
+    # A file in a split's folder that the manifest does not list (a crashed attempt's) is ignored.
+    stray = Path(ds.lake.path(ds.rel, "train", "part-stray.parquet"))
+    pq.write_table(ds.read_table("train"), stray)
+    again = load_dataset(cfg.lake, cfg.data.name, ds.version)
+    assert again.read_table("train", "valid", "test").num_rows == 30
+    assert again.read_ds("train", "valid", "test").count() == 30
+
+
+def _write_ml100k(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "u.data").write_text("1\t10\t4\t881250949\n2\t20\t3\t891717742\n")
+    flags = "|".join(["0"] * 18 + ["1"])
+    (folder / "u.item").write_text(
+        f"10|Ten (1995)|01-Jan-1995||http://x|{flags}\n20|Twenty (1995)|01-Jan-1995||http://x|{flags}\n",
+        encoding="latin-1",
+    )
+
+
+def test_movielens_raw_files_go_to_an_s3_lake(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in a local folder named "s3:"
+    cache = f"s3://{s3_bucket}/lake/raw"
+    _write_ml100k(tmp_path / "ml" / "ml-100k")
+    data = DataArgs(source="movielens", path=str(tmp_path / "ml"), variant="ml-100k")
+    src = ingest.resolve_source(data, cache)
+    assert [p.rsplit("/", 1)[1] for p in src.paths] == ["ratings.csv"]
+    assert src.paths[0].startswith(f"{cache}/movielens-ml-100k-")
+    assert src.item_features.startswith(f"{cache}/movielens-ml-100k-")
+    text = Lake(src.paths[0].rsplit("/", 1)[0]).read_bytes("ratings.csv").decode()
+    assert text.splitlines()[0] == "userId,movieId,rating,timestamp"
+    assert ingest.resolve_source(data, cache).paths == src.paths  # uploaded once, then reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml"]
+    if (ML_SMALL / "ratings.csv").exists():
+        small = ingest.resolve_source(
+            DataArgs(source="movielens", path=str(ML_SMALL), variant="ml-latest-small"), cache
+        )
+        assert small.paths[0].startswith(f"{cache}/movielens-ml-latest-small-")
+
+
+# The driver of the killed run: it joins the test's Ray cluster and, once the first bucket's
+# split files are written (its result is back), waits to be killed mid-write.
+_KILLED_DRIVER = """
+import os, sys, time
+import ray
+from app import ingest
+from app.config import load_config
+from app.ingest import pipeline
+from app.store import Lake
+
+ray.init(address=os.environ["SCALEREC_TEST_RAY_ADDRESS"], log_to_driver=False)
+original = pipeline._map_tasks
+
+def stall_after_first_bucket(fn, tasks, ctx, prof):
+    for stats in original(fn, tasks, ctx, prof):
+        yield stats
+        if fn.__name__ == "split_bucket":
+            print("split files written", flush=True)
+            time.sleep(600)
+
+pipeline._map_tasks = stall_after_first_bucket
+cfg = load_config(None, sys.argv[1:])
+ingest.run(cfg.data, Lake(cfg.lake))
+"""
+
+
+def _s3_args(lake: str, raw: str) -> list[str]:
+    return [
+        f"lake={lake}",
+        "data.name=crash",
+        "data.source=files",
+        f"data.path={raw}",
+        "data.columns.rating=rating",
+    ]
+
+
+def _ingested(ds) -> Counter:
+    """Every published row as (split, raw user, raw item, time), with its multiplicity."""
+    users = np.asarray(ds.users().column("user_id").to_pylist(), dtype=object)
+    items = np.asarray(ds.items().column("item_id").to_pylist(), dtype=object)
+    rows: Counter = Counter()
+    for split in ("train", "valid", "test"):
+        t = ds.read_table(split)
+        rows.update(
+            zip(
+                [split] * t.num_rows,
+                users[t.column("user_idx").to_numpy()],
+                items[t.column("item_idx").to_numpy()],
+                t.column("timestamp").to_pylist(),
+                strict=True,
+            )
+        )
+    return rows
+
+
+def _kill_when_split_files_appear(proc: subprocess.Popen, fs, prefix: str) -> list[str]:
+    """Poll the version folders under ``prefix`` (bounded); SIGKILL the run once parts exist."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before it was killed")
+        fs.invalidate_cache()
+        parts = [p for p in fs.find(prefix) if "/part-" in p] if fs.exists(prefix) else []
+        if parts:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            return parts
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no split file appeared in time")
+
+
+def test_s3_run_killed_mid_write_and_rerun_publishes_one_run(ray_cluster, s3_bucket, tmp_path):
+    import fsspec
+    import ray
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    rng = np.random.default_rng(0)
+    for part in range(3):
+        lines = [
+            f"{u},{i},{rng.integers(1, 6)},{rng.integers(1, 10**6)}"
+            for u, i in zip(rng.integers(0, 60, 800), rng.integers(0, 40, 800), strict=True)
+        ]
+        lines += ["7,7,-1,5", "8,,3,5"]  # quarantined
+        fs.pipe_file(f"{s3_bucket}/raw/part-{part}.csv", (HEADER + "\n".join(lines)).encode())
+    raw, lake = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/lake"
+
+    env = {**os.environ, "SCALEREC_TEST_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    with open(tmp_path / "killed.log", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_DRIVER, *_s3_args(lake, raw)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            left = _kill_when_split_files_appear(proc, fs, f"{s3_bucket}/lake/datasets/crash")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+            ) from None
+    assert not fs.exists(f"{s3_bucket}/lake/datasets/crash/{left[0].split('/')[4]}/manifest.json")
+
+    cfg = load_config(None, _s3_args(lake, raw))
+    rerun = ingest.run(cfg.data, Lake(cfg.lake))
+    clean_cfg = load_config(None, _s3_args(f"s3://{s3_bucket}/clean", raw))
+    clean = ingest.run(clean_cfg.data, Lake(clean_cfg.lake))
+
+    m, c = rerun.manifest, clean.manifest
+    _check_invariant(m)
+    assert rerun.version == clean.version
+    keys = ("rows_read", "rows_ingested", "rows_quarantined", "duplicates_collapsed", "splits")
+    assert {k: m[k] for k in keys} == {k: c[k] for k in keys}
+    assert m["rows_read"] == 3 * 802 and m["rows_quarantined"] == 6
+    published = _ingested(rerun)
+    assert published == _ingested(clean)
+    assert sum(published.values()) == m["rows_ingested"]
+    # The killed run's files are still there, unlisted, and were not read.
+    listed = {rerun.lake.path(rerun.rel, f) for fs_ in m["split_files"].values() for f in fs_}
+    in_folder = {p for p in fs.find(rerun.lake.path(rerun.rel)) if "/part-" in p}
+    assert set(left) <= in_folder - listed
+    assert all(p in in_folder for p in listed)
+    q, qlake = m["quarantine"], Lake(m["quarantine"]["path"])
+    assert len(q["files"]) == 3 and sorted(qlake.listdir("")) == sorted(q["files"])
+    assert (
+        sum(pq.read_table(qlake.path(f), filesystem=qlake.arrow_fs).num_rows for f in q["files"])
+        == 6
+    )
+    assert not fs.exists(f"{s3_bucket}/lake/tmp/ingest-crash-{rerun.version}")

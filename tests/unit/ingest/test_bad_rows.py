@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.ingest import readers
+from app.ingest.ids import MAX_ID_BYTES
 from app.ingest.readers import (
     CSV_CARRIAGE_RETURN,
     CSV_QUOTES,
@@ -24,7 +25,7 @@ from app.ingest.readers import (
     jsonl_batches,
     parquet_table,
 )
-from app.ingest.validate import MAX_ID_BYTES, MAX_TS_S, TS_MISSING, TS_RANGE
+from app.ingest.validate import MAX_TS_S, TS_MISSING, TS_RANGE
 
 SPEC = {
     "user": "u",

@@ -39,10 +39,35 @@ def test_manifest_accounts_for_every_row():
     assert m["duplicates_collapsed"] == 2
     assert m["splits"] == {"train": 3, "valid": 1, "test": 1}
     assert (m["n_users"], m["n_items"], m["items_with_genres"]) == (2, 3, 2)
-    assert m["quarantine"] == {"reasons": {"bad": 1}, "path": "/q/v1"}
+    assert m["quarantine"] == {"reasons": {"bad": 1}, "path": "/q/v1", "files": []}
+    assert "split_files" not in m
     assert m["warnings"] == ["w"]
     assert m["density"] == round(5 / 6, 6)
     assert [f["rows_read"] for f in m["files"]] == [5, 3]
+
+
+def test_manifest_lists_the_split_and_quarantine_files():
+    parts = {"train": ["train/part-a-b00000-x.parquet"], "valid": ["valid/e.parquet"], "test": []}
+    m = build_manifest(
+        DATA,
+        SRC,
+        "v1",
+        PRINTS,
+        {"a.csv": 5, "b.csv": 3},
+        BY_FILE,
+        {"bad": 1},
+        USERS,
+        ITEMS,
+        "/q/v1",
+        [],
+        split_files=parts,
+        quarantine_files=["u00000-t.parquet"],
+        ingest={"buckets": 2},
+    )
+    assert m["split_files"] == parts
+    assert m["quarantine"]["files"] == ["u00000-t.parquet"]
+    assert m["ingest"] == {"buckets": 2}
+    assert m["pipeline_version"] == 2
 
 
 def test_rows_that_do_not_add_up_refuse_to_publish():

@@ -76,3 +76,13 @@ def test_users_are_split_independently():
     test_b = [r["item"] for r in out if r["user"] == "b" and r["status"] == "test"]
     assert test_b == ["0"]  # b's latest event is item 0 (ts 100)
     assert sum(r["user"] == "a" and r["status"] == "test" for r in out) == 2
+
+
+def test_id_order_breaks_key_ties_by_text():
+    from app.ingest.idmaps import id_table
+
+    ids = ["7", "10", "b", "007", "a", "9"]
+    for shuffled in (ids, ids[::-1]):
+        table = id_table(shuffled, "idx", "id")
+        assert table.column("id").to_pylist() == ["007", "7", "9", "10", "a", "b"]
+        assert table.column("idx").to_pylist() == list(range(6))
