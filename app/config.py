@@ -168,6 +168,7 @@ class ModelArgs(_Args):
     """Correct sampled-softmax logits by the log sampling probability (popularity bias)."""
     use_bias: bool = False
     """Learn a per-item bias in matrix factorisation."""
+    normalize: bool = Field(False, description="MF: cosine scores (unit-length vectors) / T.")
     history_dropout: float = Field(0.3, ge=0.0, lt=1.0)
     """Two-tower: drop this share of a user's history items while training (regularises)."""
     temperature: float = Field(0.1, gt=0.0)
@@ -210,8 +211,7 @@ class TrainArgs(_Args):
     refit: bool = False
     """Fit on train + validation (for the final model) instead of train only."""
     refit_final: bool = True
-    """``jobs.train``: after validating a train-only fit, refit on train + validation with the
-    best epoch count and register that model (docs/design.md); false registers the first."""
+    """Register a refit on train + validation at the best epoch count (false: the first fit)."""
     promote_to: Literal["none", "staging", "production"] = "staging"
     """Alias to point at the newly registered model (production goes through the gate)."""
 

@@ -138,9 +138,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rec = build_model(model_args, ds.n_users, ds.n_items, ds.item_genres(), seed=seed)
     if not isinstance(rec, TorchRecommender):
         raise ValueError(f"model.name={model_args.name!r} has no torch module to train")
-    rec.prepare(fit_csr)
+    rec.prepare(fit_csr, sparse=not train_args.use_gpu)  # NCCL all-reduces dense tensors only
     module = rec.module
-    optimizer = torch.optim.Adam(module.parameters(), lr=train_args.lr)
+    optimizer = rec.optimizer(train_args.lr)  # RowAdam: sparse tables step their rows only
 
     start_epoch, restarts, history = 0, 0, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:

@@ -62,7 +62,9 @@ def build_model(
         "seed": seed,
     }
     if name == "mf":
-        return MatrixFactorization(n_users, n_items, use_bias=args.use_bias, **kw)
+        return MatrixFactorization(
+            n_users, n_items, use_bias=args.use_bias, normalize=args.normalize, **kw
+        )
     if name == "two_tower":
         return TwoTower(
             n_users, n_items, item_genres=item_genres, history_dropout=args.history_dropout, **kw

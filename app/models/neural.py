@@ -1,7 +1,9 @@
 """Embedding recommenders trained with torch: matrix factorisation and two towers.
 
-``run_epoch`` is the one Adam step loop: ``TorchRecommender.fit`` drives it over in-memory
-batches, the Ray Train worker loop over a Ray Data shard with the DDP-wrapped module.
+``run_epoch`` is the one step loop: ``TorchRecommender.fit`` drives it over in-memory batches,
+the Ray Train worker loop over a Ray Data shard with the DDP-wrapped module; both step the
+optimiser of ``TorchRecommender.optimizer`` (``RowAdam``: sparse embedding gradients update
+only the rows a batch touches).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from app.models.base import Recommender, binary_history
-from app.models.modules import MFModule, RetrievalModule, TwoTowerModule
+from app.models.modules import MFModule, RetrievalModule, RowAdam, TwoTowerModule
 
 
 def run_epoch(
@@ -90,12 +92,19 @@ class TorchRecommender(Recommender):
         loss_args = ("loss", "num_negatives", "temperature", "l2", "logq")
         self._loss_kw = {name: self._hp[name] for name in loss_args}
 
-    def prepare(self, train: sp.csr_matrix) -> None:
+    def prepare(self, train: sp.csr_matrix, sparse: bool = True) -> None:
         """Give the module what training needs from the train split (history, item frequency).
 
         Call it before any training step; ``fit`` does, and so must a loop that drives the
         module itself (the Ray Train worker loop). Nothing it sets is saved in ``state_dict``.
+        ``sparse=False`` gives every embedding table dense gradients (for NCCL, whose
+        all-reduce takes dense tensors only); by default the tables a step reads row by row
+        have sparse ones.
         """
+        if not sparse:
+            for m in self.module.modules():
+                if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag):
+                    m.sparse = False
         x = binary_history(train, self.n_items)
         self.module.train_indptr, self.module.train_indices = _csr_tensors(x)
         counts = np.asarray(x.sum(axis=0), dtype=np.float64).ravel() + 1.0
@@ -104,6 +113,14 @@ class TorchRecommender(Recommender):
     def loss(self, users: torch.Tensor, pos_items: torch.Tensor) -> torch.Tensor:
         """Training loss of a batch (a distributed loop calls the DDP-wrapped module instead)."""
         return self.module(users, pos_items)
+
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The optimiser every training loop steps: ``RowAdam`` over the module's parameters.
+
+        Sparse gradients (the embedding tables a step reads row by row) update only their
+        rows; the plain loop, the Ray Train workers and the benchmarks all take this one.
+        """
+        return RowAdam(self.module.parameters(), lr=lr)
 
     def fit(  # type: ignore[override]  # named options instead of the base's **options
         self,
@@ -115,7 +132,7 @@ class TorchRecommender(Recommender):
         seed: int = 0,
         on_epoch: Callable[[int, float], None] | None = None,
     ) -> TorchRecommender:
-        """Train in this process: Adam over the shuffled (user, item) pairs of ``train``.
+        """Train in this process: ``optimizer(lr)`` over the shuffled (user, item) pairs.
 
         Training continues from the current weights (a new model starts from its seeded
         initialisation). Each epoch reshuffles the pairs with a numpy generator seeded by
@@ -126,7 +143,7 @@ class TorchRecommender(Recommender):
         Args:
             train: ``(n_users, n_items)`` interactions; every non-zero entry is one pair.
             epochs: Passes over the pairs.
-            batch_size: Pairs per Adam step.
+            batch_size: Pairs per optimiser step.
             lr: Adam learning rate.
             seed: Shuffling and sampling seed.
             on_epoch: Called after each epoch with its number (from 1) and mean loss, the
@@ -136,7 +153,7 @@ class TorchRecommender(Recommender):
         pairs = binary_history(train, self.n_items).tocoo()
         users = torch.from_numpy(pairs.row.astype(np.int64))
         items = torch.from_numpy(pairs.col.astype(np.int64))
-        optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
+        optimizer = self.optimizer(lr)
         rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -188,37 +205,43 @@ class TorchRecommender(Recommender):
 
 
 class MatrixFactorization(TorchRecommender):
-    """User and item embeddings (optional item bias) trained with BPR or sampled softmax.
+    """User and item embeddings (optional item bias) trained with BPR or (sampled) softmax.
 
     Users outside ``[0, n_users)`` (unseen in training) are folded in from their history: the
-    mean of their history's item embeddings.
+    mean of their history's item embeddings. ``normalize`` scores by cosine (``MFModule``).
     """
 
     family = "mf"
     module: MFModule
 
     def __init__(
-        self, n_users: int, n_items: int, use_bias: bool = False, seed: int = 0, **kw: Any
+        self,
+        n_users: int,
+        n_items: int,
+        use_bias: bool = False,
+        normalize: bool = False,
+        seed: int = 0,
+        **kw: Any,
     ) -> None:
         super().__init__(n_users, n_items, seed=seed, **kw)
-        self._hp["use_bias"] = bool(use_bias)
+        self._hp.update(use_bias=bool(use_bias), normalize=bool(normalize))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = MFModule(
-                n_users, n_items, self._hp["embed_dim"], use_bias, **self._loss_kw
+                n_users, n_items, self._hp["embed_dim"], use_bias, normalize, **self._loss_kw
             )
 
     def user_embeddings(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:  # noqa: D102
         users = np.asarray(users, dtype=np.int64)
         known = (users >= 0) & (users < self.n_users)
         with torch.no_grad():
-            emb = self.module.user_emb.weight.detach().cpu().numpy()
-        out = np.zeros((len(users), emb.shape[1]), dtype=np.float32)
-        out[known] = emb[users[known]]
-        if (~known).any():
-            h = binary_history(history, self.n_items)[np.flatnonzero(~known)]
-            folded = self.fold_in(h)
-            out[~known] = folded[:, : emb.shape[1]]
+            emb = self.module.user_emb.weight.detach().cpu()
+            out = np.zeros((len(users), emb.shape[1]), dtype=np.float32)
+            out[known] = self.module.unit(emb[torch.from_numpy(users[known])]).numpy()
+            if (~known).any():
+                h = binary_history(history, self.n_items)[np.flatnonzero(~known)]
+                folded = torch.from_numpy(self.fold_in(h)[:, : emb.shape[1]])
+                out[~known] = self.module.unit(folded).numpy()
         return self._append_bias_dim(out)
 
 
