@@ -124,6 +124,29 @@ def run_job(main: Callable[[], Any]) -> None:
         print(f"\n{what}: stopping Ray", file=sys.stderr)
         shutdown()
         sys.exit(code)
+    _exit_when_done()
+
+
+# How long a finished job waits for Ray to disconnect before it exits anyway.
+_SHUTDOWN_WAIT_S = 60.0
+
+
+def _exit_when_done() -> None:
+    """Disconnect and exit 0 once ``main`` has returned, even if Ray's cleanup hangs.
+
+    After a node is lost mid-run, Ray's exit hooks (and threads Ray Data leaves behind) could
+    wait on the dead node forever: the job had done its work and printed its result, yet its
+    status never became SUCCEEDED.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    done = threading.Thread(target=shutdown, daemon=True)
+    done.start()
+    done.join(_SHUTDOWN_WAIT_S)
+    if done.is_alive():
+        print(f"Ray did not disconnect in {_SHUTDOWN_WAIT_S:.0f} s; exiting", file=sys.stderr)
+        sys.stderr.flush()
+    os._exit(0)
 
 
 def own_signals() -> None:

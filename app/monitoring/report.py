@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 
 from app.monitoring import charts, page
 from app.store import (
@@ -92,7 +91,7 @@ def _counts(ds: DatasetVersion) -> tuple[np.ndarray, np.ndarray]:
     users = np.zeros(ds.n_users, np.int64)
     items = np.zeros(ds.n_items, np.int64)
     for split in SPLITS:
-        parquet = pads.dataset(ds.split_path(split), filesystem=ds.lake.arrow_fs, format="parquet")
+        parquet = ds.arrow_dataset(split)  # the listed files only
         for batch in parquet.to_batches(columns=[USER_IDX, ITEM_IDX]):
             users += np.bincount(batch.column(0).to_numpy(), minlength=ds.n_users)
             items += np.bincount(batch.column(1).to_numpy(), minlength=ds.n_items)
