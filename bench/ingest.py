@@ -683,7 +683,7 @@ def _operator_lines(text: str) -> list[str]:
     return keep
 
 
-def _start_ray(cpus: int, dashboard: bool) -> None:
+def _start_ray(cpus: int, dashboard: bool, object_store_mb: int | None = None) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
@@ -692,7 +692,11 @@ def _start_ray(cpus: int, dashboard: bool) -> None:
     for attempt in range(3):
         try:
             ray.init(
-                address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=False
+                address="local",
+                num_cpus=cpus,
+                include_dashboard=dashboard,
+                log_to_driver=False,
+                object_store_memory=object_store_mb * 1024**2 if object_store_mb else None,
             )
             break
         except Exception:
@@ -929,6 +933,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--repeats", type=int, default=1, help="runs per size; medians are reported")
     p.add_argument("--no-polars", action="store_true", help="skip the polars implementation")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
+    p.add_argument("--object-store-mb", type=int, help="cap Ray's object store (default: Ray's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--_generate", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--_single", nargs=4, help=argparse.SUPPRESS)
@@ -945,7 +950,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     names = ["pyarrow"] + (["polars"] if _polars_available() and not args.no_polars else [])
     data_dirs = {w: _ensure_data(args.workdir, *w) for w in workloads}
     load_before = os.getloadavg()
-    _start_ray(args.cpus, args.dashboard)
+    _start_ray(args.cpus, args.dashboard, args.object_store_mb)
     import ray
 
     store_reader = _object_store_reader()
