@@ -1,35 +1,26 @@
-"""Training stage: Ray Train (TorchTrainer, DDP) for embedding models, closed form for the rest.
+"""Training stage: Ray Train (TorchTrainer) for embedding models, closed form for the rest.
 
 Run with ``python -m jobs.train --config jobs/configs/<name>.yaml [train.num_workers=2 ...]``.
 ``build_trainer`` is the one place that wires ``ScalingConfig``, datasets and checkpoints; the
 tuning stage reuses it for every trial, and ``register_validated`` for its best trial. Workers
-step with ``app.models.run_epoch``, the loop ``TorchRecommender.fit`` runs in one process.
+(``app.train_worker``) step with ``app.models.run_epoch``, as ``TorchRecommender.fit`` does.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from app.cluster import call_in_thread
 from app.config import AppConfig, DataArgs, ModelArgs, TrainArgs
 from app.evaluate import validation_metrics
-from app.models import Recommender, TorchRecommender, build_model, run_epoch
+from app.models import Recommender, build_model
 from app.store import (
-    ITEM_IDX,
-    USER_IDX,
     DatasetVersion,
     Lake,
     ModelRecord,
@@ -40,6 +31,21 @@ from app.store import (
     register,
     registry_name,
 )
+from app.train_worker import (
+    FAIL_AT_EPOCH_ENV,
+    FAIL_MARKER_ENV,
+    read_checkpoint,
+    train_loop_per_worker,
+)
+from app.train_worker import (
+    VALID_METRIC as VALID_METRIC,  # re-exported: the stages' selection metric
+)
+from app.train_worker import (
+    fit_splits as fit_splits,
+)
+from app.train_worker import (
+    shuffle_buffer_rows as shuffle_buffer_rows,
+)
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -47,11 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLOSED_FORM = ("popularity", "ease", "edlae")
-STATE_FILE = "state.pt"
-HISTORY_FILE = "history.json"
-VALID_METRIC = "valid_ndcg@10"
-FAIL_AT_EPOCH_ENV = "SCALEREC_FAIL_AT_EPOCH"
-FAIL_MARKER_ENV = "SCALEREC_FAIL_MARKER"
 
 
 @dataclass
@@ -72,132 +73,9 @@ class TrainOutcome:
     """Where the final Ray Train checkpoint lives (None for closed-form models)."""
 
 
-def fit_splits(train: TrainArgs) -> tuple[str, ...]:
-    """The splits a fit covers: train, or train + validation on a refit."""
-    return ("train", "valid") if train.refit else ("train",)
-
-
 def with_train(cfg: AppConfig, **updates: Any) -> AppConfig:
     """``cfg`` with some ``train`` fields replaced."""
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=updates)})
-
-
-def shuffle_buffer_rows(batch_size: int) -> int:
-    """Rows in the local shuffle buffer of the worker loop's Ray Data iterator."""
-    return max(20 * batch_size, 50_000)
-
-
-def _maybe_fail(epoch: int, rank: int, fail_at: int | None, marker: str | None) -> None:
-    """Fault-injection hook: rank 0 dies once at the start of epoch ``fail_at``."""
-    if fail_at is None or not marker or rank != 0 or epoch != fail_at or os.path.exists(marker):
-        return
-    Path(marker).write_text(f"failed at epoch {epoch}\n")
-    log.warning("fault injection: exiting at the start of epoch %d", epoch)
-    os._exit(1)
-
-
-def _read_checkpoint(checkpoint: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The state dict and the epoch history stored in a Ray Train checkpoint."""
-    with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), weights_only=True, map_location="cpu")
-        with open(os.path.join(d, HISTORY_FILE)) as f:
-            history = json.load(f)
-    return state, history
-
-
-def _shard_batches(
-    shard: Any, train: TrainArgs, seed: int, epoch: int, rank: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (users, items) batches from this worker's Ray Data shard."""
-    for batch in shard.iter_torch_batches(
-        batch_size=train.batch_size,
-        local_shuffle_buffer_size=shuffle_buffer_rows(train.batch_size),
-        local_shuffle_seed=seed * 1000 + epoch * 31 + rank,
-        device=device,
-    ):
-        yield batch[USER_IDX].long(), batch[ITEM_IDX].long()
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker loop: one report (metrics + checkpoint) per epoch.
-
-    ``config``: ``build_trainer``'s dataset, model, train, seed, local_mode, and fault hook.
-    """
-    import ray.train
-    import ray.train.torch
-
-    ds: DatasetVersion = config["dataset"]
-    model_args: ModelArgs = config["model"]
-    train_args: TrainArgs = config["train"]
-    seed = int(config.get("seed", 0))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    fit_csr = ds.csr(*fit_splits(train_args))
-    target = None if train_args.refit else ds.csr("valid")
-
-    rec = build_model(model_args, ds.n_users, ds.n_items, ds.item_genres(), seed=seed)
-    if not isinstance(rec, TorchRecommender):
-        raise ValueError(f"model.name={model_args.name!r} has no torch module to train")
-    rec.prepare(fit_csr, sparse=not train_args.use_gpu)  # NCCL all-reduces dense tensors only
-    module = rec.module
-    optimizer = rec.optimizer(train_args.lr)  # RowAdam: sparse tables step their rows only
-
-    start_epoch, restarts, history = 0, 0, []
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        state, history = _read_checkpoint(checkpoint)
-        rec.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"])
-        restarts = int(state.get("restarts", 0)) + 1
-        log.info("resumed from checkpoint after epoch %d", start_epoch)
-
-    # Negatives and history dropout differ per worker; the weights start equal (seeded init).
-    torch.manual_seed(seed * 1000 + rank + 7919 * start_epoch)
-    ddp = ray.train.torch.prepare_model(module)
-    device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
-    here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
-    nodes: list[Any] = [here] * world  # where the group runs, in every epoch's metrics
-    if torch.distributed.is_initialized():
-        torch.distributed.all_gather_object(nodes, here)
-    last_dir: str | None = None
-
-    for epoch in range(start_epoch + 1, train_args.epochs + 1):
-        _maybe_fail(epoch, rank, config.get("fail_at_epoch"), config.get("fail_marker"))
-        module.train()
-        t0 = time.perf_counter()
-        batches = _shard_batches(shard, train_args, seed, epoch, rank, device)
-        totals = torch.tensor(run_epoch(ddp, optimizer, batches), dtype=torch.float64)
-        if world > 1:
-            torch.distributed.all_reduce(totals)
-        seconds, n_seen = time.perf_counter() - t0, float(totals[1])
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": float(totals[0] / max(n_seen, 1.0)),
-            "interactions_per_s": n_seen / max(seconds, 1e-9),
-            "epoch_s": seconds,
-            "restarts": restarts,
-            "worker_nodes": sorted(set(nodes)),
-        }
-        is_eval = epoch % train_args.eval_every == 0 or epoch == train_args.epochs
-        if rank == 0 and target is not None and is_eval:
-            metrics.update(validation_metrics(rec, fit_csr, target))
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            continue
-        history.append(metrics)
-        d = tempfile.mkdtemp(prefix="scalerec-ckpt-")
-        state = {"model": rec.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-        torch.save({**state, "restarts": restarts}, os.path.join(d, STATE_FILE))
-        with open(os.path.join(d, HISTORY_FILE), "w") as f:
-            json.dump(history, f)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        # Reports upload synchronously: drop the previous folder (local mode's result is the last)
-        if last_dir is not None:
-            shutil.rmtree(last_dir, ignore_errors=True)
-        last_dir = d
-    if last_dir is not None and not config.get("local_mode", False):
-        shutil.rmtree(last_dir, ignore_errors=True)
 
 
 def ray_storage(folder: Lake) -> tuple[str, pafs.FileSystem | None]:
@@ -305,7 +183,7 @@ def fit(
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
-    state, history = _read_checkpoint(result.checkpoint)
+    state, history = read_checkpoint(result.checkpoint)
     fitted = build_model(model, ds.n_users, ds.n_items, ds.item_genres(), seed=seed)
     fitted.load_state_dict(state["model"])
     return _outcome(fitted, history, t0, result.checkpoint.path)

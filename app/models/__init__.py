@@ -20,6 +20,7 @@ from app.models.quantize import (
     quantized_builder,
     state_nbytes,
 )
+from app.models.sync import GradientSync
 from app.models.topk import Exclude, TopK, item_matrix, rank_candidates, top_k, top_k_dot
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "CompressError",
     "EmbeddingTable",
     "Exclude",
+    "GradientSync",
     "MatrixFactorization",
     "Popularity",
     "QuantizedRecommender",

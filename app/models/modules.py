@@ -4,7 +4,7 @@ Returning the loss from ``forward`` lets DistributedDataParallel wrap a module a
 sync its gradients; ``app.models.neural`` wraps each module in a ``Recommender``.
 
 Embedding tables that a step reads row by row (user ids, and items under a sampled loss) have
-sparse gradients: a step's backward, its all-reduce (DDP sends sparse tensors on gloo) and
+sparse gradients: a step's backward, its gradient sync (``GradientSync`` gathers the rows) and
 ``RowAdam`` cost the rows the batch touches, not the table. Tables that a loss reads whole
 (items under the exact softmax) stay dense.
 """
@@ -88,7 +88,7 @@ class RowAdam(torch.optim.Optimizer):
 
 
 class RetrievalModule(torch.nn.Module):
-    """Shared loss of the embedding models; ``forward`` is the loss so DDP syncs its gradients."""
+    """Shared loss of the embedding models; ``forward`` is the loss (DDP can wrap it as it is)."""
 
     users_alone: bool = False
     """Whether a user's vector depends on the user alone (not on the batch's target items)."""

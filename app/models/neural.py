@@ -23,6 +23,7 @@ def run_epoch(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    sync: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """One pass of optimiser steps: loss, zero the gradients, backward, step, per batch.
 
@@ -34,6 +35,8 @@ def run_epoch(
             wrapped by DistributedDataParallel.
         optimizer: Optimiser over ``loss_fn``'s parameters.
         batches: ``(users, items)`` int64 tensors, one pair per row.
+        sync: Called between backward and the step to average gradients across workers
+            (``GradientSync``); None in one process or under DDP.
 
     Returns:
         ``(sum of loss × rows, rows)`` over the batches.
@@ -44,6 +47,8 @@ def run_epoch(
         loss = loss_fn(users, items)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sync is not None:
+            sync()
         optimizer.step()
         part = loss.detach().double() * len(users)
         total = part if total is None else total + part

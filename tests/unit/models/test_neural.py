@@ -238,59 +238,6 @@ def test_mf_trained_with_sparse_rows_beats_popularity_on_a_latent_factor_set():
     assert ndcg(model) > 2 * ndcg(Popularity(n_users, n_items).fit(train))
 
 
-def _ddp_rank(rank: int, port: int, queue) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    model = MatrixFactorization(60, 20, embed_dim=4, num_negatives=20, use_bias=True, l2=0.01)
-    ddp = DistributedDataParallel(model.module)
-    opt = model.optimizer(0.05)
-    for users, items in _ddp_batches():
-        half = slice(8 * rank, 8 * rank + 8)
-        loss = ddp(users[half], items[half])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    queue.put((rank, {k: v.numpy().copy() for k, v in model.state_dict().items()}))
-    dist.destroy_process_group()
-
-
-def _ddp_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
-    return [(torch.randint(60, (16,), generator=gen), torch.randint(20, (16,), generator=gen))]
-
-
-@pytest.mark.slow
-def test_ddp_all_reduces_sparse_gradients_on_gloo():
-    # 2 gloo ranks, each half of every batch: the same weights as one process on whole batches.
-    import socket
-
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    states = dict([queue.get(), queue.get()])
-    model = MatrixFactorization(60, 20, embed_dim=4, num_negatives=20, use_bias=True, l2=0.01)
-    opt = model.optimizer(0.05)
-    for users, items in _ddp_batches():
-        loss = 0.5 * (model.loss(users[:8], items[:8]) + model.loss(users[8:], items[8:]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for key, value in model.state_dict().items():
-        np.testing.assert_array_equal(states[0][key], states[1][key])
-        np.testing.assert_allclose(states[0][key], value.numpy(), atol=1e-6)
-
-
 def test_normalized_mf_scores_by_cosine_plus_bias_for_known_and_folded_in_users():
     model = MatrixFactorization(9, 6, embed_dim=4, num_negatives=6, use_bias=True, normalize=True)
     with torch.no_grad():
