@@ -20,9 +20,8 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
-# Ray runs a submitted job (and `serve deploy`'s app builder) inside a temporary copy of its
-# working directory; a relative output path resolved there vanishes with the job and is not
-# seen by other nodes.
+# Ray runs a submitted job (and `serve deploy`'s app builder) in a temporary copy of its working
+# directory: a relative output path resolved there vanishes with the job, unseen by other nodes.
 _RAY_WORKING_DIR_MARK = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
 
 
@@ -202,6 +201,8 @@ class TrainArgs(_Args):
     """Training epochs."""
     batch_size: int = Field(1024, ge=1)
     """Interactions per batch per worker."""
+    cache_shard: bool = True
+    """Hold each worker's shard in memory after one read (16 bytes a row); false streams it."""
     lr: float = Field(0.005, gt=0.0)
     """Adam learning rate."""
     max_failures: int = Field(2, ge=0)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.config import ModelArgs, TrainArgs
@@ -61,17 +62,45 @@ def read_checkpoint(checkpoint: Any) -> tuple[dict[str, Any], list[dict[str, Any
     return state, history
 
 
-def _shard_batches(
-    shard: Any, train: TrainArgs, seed: int, epoch: int, rank: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (users, items) batches from this worker's Ray Data shard."""
-    for batch in shard.iter_torch_batches(
-        batch_size=train.batch_size,
-        local_shuffle_buffer_size=shuffle_buffer_rows(train.batch_size),
-        local_shuffle_seed=seed * 1000 + epoch * 31 + rank,
-        device=device,
-    ):
-        yield batch[USER_IDX].long(), batch[ITEM_IDX].long()
+class ShardBatches:
+    """A worker's Ray Data shard as epochs of ``(users, items)`` batches.
+
+    With ``train.cache_shard`` the shard is read once (two int64 columns) and reshuffled in
+    memory every epoch, as the plain loop does, so a step pays no per-batch Ray Data cost;
+    otherwise every epoch streams it through Ray Data's local shuffle buffer (shards beyond a
+    worker's memory). Every rank gets as many rows (``streaming_split(equal=True)``), so as
+    many steps.
+    """
+
+    def __init__(self, shard: Any, train: TrainArgs, seed: int, rank: int, device: Any) -> None:
+        self.shard, self.train, self.seed, self.rank, self.device = shard, train, seed, rank, device
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch, shuffled by ``(seed, epoch, rank)``."""
+        shuffle_seed = self.seed * 1000 + epoch * 31 + self.rank
+        size = self.train.batch_size
+        if not self.train.cache_shard:
+            for batch in self.shard.iter_torch_batches(
+                batch_size=size,
+                local_shuffle_buffer_size=shuffle_buffer_rows(size),
+                local_shuffle_seed=shuffle_seed,
+                device=self.device,
+            ):
+                yield batch[USER_IDX].long(), batch[ITEM_IDX].long()
+            return
+        if self.cached is None:
+            parts = list(self.shard.iter_batches(batch_size=1 << 17, batch_format="numpy"))
+            cols = [
+                np.concatenate([p[c] for p in parts]) if parts else np.empty(0)
+                for c in (USER_IDX, ITEM_IDX)
+            ]
+            self.cached = tuple(torch.from_numpy(c.astype(np.int64, copy=False)) for c in cols)
+        users, items = self.cached
+        order = torch.randperm(len(users), generator=torch.Generator().manual_seed(shuffle_seed))
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            yield users[rows].to(self.device), items[rows].to(self.device)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -114,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = ray.train.torch.prepare_model(module) if train_args.use_gpu else module
     if not train_args.use_gpu and world > 1:
         sync = GradientSync(module)
-    shard = ray.train.get_dataset_shard("train")
+    shard = ShardBatches(ray.train.get_dataset_shard("train"), train_args, seed, rank, device)
     here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
     nodes: list[Any] = [here] * world  # where the group runs, in every epoch's metrics
     if torch.distributed.is_initialized():
@@ -125,8 +154,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _maybe_fail(epoch, rank, config.get("fail_at_epoch"), config.get("fail_marker"))
         module.train()
         t0 = time.perf_counter()
-        batches = _shard_batches(shard, train_args, seed, epoch, rank, device)
-        totals = torch.tensor(run_epoch(loss_fn, optimizer, batches, sync), dtype=torch.float64)
+        step = run_epoch(loss_fn, optimizer, shard.epoch(epoch), sync)
+        totals = torch.tensor(step, dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
         seconds, n_seen = time.perf_counter() - t0, float(totals[1])

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from app.config import AppConfig, ClusterArgs, load_config
-from app.models import TorchRecommender, build_model, run_epoch
+from app.models import GradientSync, TorchRecommender, build_model, run_epoch
 from app.store import ITEM_IDX, USER_IDX, DatasetVersion, Lake
 from app.train import VALID_METRIC, fit, fit_splits, shuffle_buffer_rows, with_train
 
@@ -288,12 +288,13 @@ def gradient_layout(
 ) -> dict[str, Any]:
     """What one step's gradient holds: dense floats, and the rows each sparse table gets.
 
-    From one backward on the first ``batch_size`` pairs (no optimiser step; the torch RNG is
+    From one backward on ``batch_size`` random pairs (no optimiser step; the torch RNG is
     restored, so the measured epochs draw the same negatives).
     """
     with torch.random.fork_rng(devices=[]):
+        rows = torch.randperm(len(users))[:batch_size]  # a shuffled batch, as training takes
         rec.module.train()
-        rec.module(users[:batch_size], items[:batch_size]).backward()
+        rec.module(users[rows], items[rows]).backward()
     dense, sparse = 0, []
     for name, param in rec.module.named_parameters():
         grad = param.grad
@@ -341,17 +342,22 @@ def _free_port() -> int:
 def _allreduce_rank(rank: int, port: int, plan: dict[str, Any], steps: int, queue: Any) -> None:
     """One of 2 gloo ranks: time ``steps`` per-step syncs of ``plan`` and of its dense version.
 
-    The sync is what DDP sends: one dense all-reduce of ``dense_floats`` and one sparse
-    all-reduce per sparse table (random rows, different on each rank); the dense version is
-    one all-reduce of ``full_floats`` (the whole model's gradient, as dense tables sent it).
+    The sync is what the Train workers run (``GradientSync``): one all-reduce of
+    ``dense_floats`` and one all-gather of the touched rows per sparse table (random rows,
+    different on each rank); the dense version is one all-reduce of ``full_floats`` (the whole
+    model's gradient, as dense tables sent it).
     """
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     gen = torch.Generator().manual_seed(rank)
-    dense = torch.ones(plan["dense_floats"])
-    tables = [
+    module = torch.nn.Module()
+    module.dense = torch.nn.Parameter(torch.zeros(plan["dense_floats"]))
+    module.tables = torch.nn.ModuleList(
+        torch.nn.Embedding(t["table_rows"], t["dim"], sparse=True) for t in plan["sparse_tables"]
+    )
+    grads = [
         torch.sparse_coo_tensor(
             torch.randint(t["table_rows"], (1, t["rows"]), generator=gen),
             torch.ones(t["rows"], t["dim"]),
@@ -359,21 +365,22 @@ def _allreduce_rank(rank: int, port: int, plan: dict[str, Any], steps: int, queu
         ).coalesce()
         for t in plan["sparse_tables"]
     ]
+    sync = GradientSync(module)
     full = torch.ones(plan["full_floats"])
 
-    def sparse_sync() -> None:
-        if dense.numel():
-            dist.all_reduce(dense)
-        for table in tables:
-            dist.all_reduce(table)
+    def rows_sync() -> None:
+        module.dense.grad = torch.ones_like(module.dense)
+        for table, grad in zip(module.tables, grads, strict=True):
+            table.weight.grad = grad
+        sync()
 
     out = []
-    for sync in (sparse_sync, lambda: dist.all_reduce(full)):
-        sync()  # warm-up: connections and buffers
+    for step in (rows_sync, lambda: dist.all_reduce(full)):
+        step()  # warm-up: connections and buffers
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
-            sync()
+            step()
         out.append((time.perf_counter() - t0) / steps)
     if rank == 0:
         queue.put(out)
@@ -383,7 +390,7 @@ def _allreduce_rank(rank: int, port: int, plan: dict[str, Any], steps: int, queu
 def allreduce_probe(
     gradient: dict[str, Any], full_floats: int, steps: int = ALLREDUCE_STEPS
 ) -> dict:
-    """Milliseconds per step's gloo sync between 2 local processes: DDP's now and dense.
+    """Milliseconds per step's gloo sync between 2 local processes: GradientSync's and dense.
 
     ``gradient`` is ``gradient_layout``'s; ``full_floats`` the model's parameter count.
     """
@@ -615,7 +622,7 @@ def notes(result: dict[str, Any]) -> list[str]:
         steps = epoch["interactions"] / two[0]["rows_per_step"]
         share = steps * gloo["ms_per_step"] / 1000 / epoch["seconds"]
         out.append(
-            f"DDP syncs {gloo['megabytes_per_step']} MB per step (sparse all-reduce on gloo): "
+            f"GradientSync sends {gloo['megabytes_per_step']} MB per step (touched rows): "
             f"{gloo['ms_per_step']} ms between 2 gloo processes here, about {share:.0%} of the "
             f"2-worker epoch ({steps:,.0f} steps); the dense gradient ({gloo['dense_megabytes']}"
             f" MB) would take {gloo['dense_ms_per_step']} ms per step."

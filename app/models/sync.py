@@ -2,8 +2,8 @@
 
 ``GradientSync`` replaces DistributedDataParallel on CPU (gloo) for the embedding models: after
 each backward it averages the dense gradients in one flat all-reduce and gathers the rows each
-rank's sparse tables touched (one all-gather of row counts, then one all-gather per sparse table
-of its rows' indices and values packed in one float32 buffer). DDP's own sparse path on gloo
+rank's sparse tables touched (one small all-reduce of row counts, then one all-gather of every
+table's rows, indices and values packed in one float32 buffer). DDP's own sparse path on gloo
 crashed two-worker runs with heap corruption; gathering the touched rows explicitly costs what
 the batch touched, as the sparse path should, and keeps every collective a dense tensor.
 """
@@ -77,21 +77,34 @@ class GradientSync:
                 continue
             g = g.coalesce()
             rows.append((g.indices()[0], g.values()))
-        counts = torch.tensor([len(ix) for ix, _ in rows], dtype=torch.int64)
-        all_counts = [torch.empty_like(counts) for _ in range(self.world)]
-        dist.all_gather(all_counts, counts)
-        per_rank = torch.stack(all_counts)  # world x tables
-        for t, (p, (ix, vals)) in enumerate(zip(self.sparse, rows, strict=True)):
-            width = math.prod(p.shape[1:])
-            cap = int(per_rank[:, t].max())
-            # An int64 index is two float32 words: indices and values travel as one buffer.
-            packed = torch.zeros((cap, width + 2), dtype=torch.float32)
-            packed[: len(ix), :2] = ix.contiguous().view(torch.float32).view(-1, 2)
-            packed[: len(ix), 2:] = vals.reshape(len(ix), width)
-            gathered = [torch.empty_like(packed) for _ in range(self.world)]
-            dist.all_gather(gathered, packed)
-            parts = [g[: int(per_rank[r, t])] for r, g in enumerate(gathered)]
+        rank = dist.get_rank()
+        # Row counts through an all-reduce of one slot per rank: gloo's small all-gather is
+        # several times slower.
+        per_rank = torch.zeros((self.world, len(rows)), dtype=torch.int64)
+        per_rank[rank] = torch.tensor([len(ix) for ix, _ in rows], dtype=torch.int64)
+        dist.all_reduce(per_rank)
+        caps = per_rank.max(0).values.tolist()
+        widths = [math.prod(p.shape[1:]) + 2 for p in self.sparse]
+        # Every table's rows in one buffer, one all-gather: an int64 index is two float32 words.
+        packed = torch.zeros(sum(c * w for c, w in zip(caps, widths, strict=True)))
+        offset = 0
+        for (ix, vals), cap, width in zip(rows, caps, widths, strict=True):
+            block = packed[offset : offset + cap * width].view(cap, width)
+            block[: len(ix), :2] = ix.contiguous().view(torch.float32).view(-1, 2)
+            block[: len(ix), 2:] = vals.reshape(len(ix), width - 2)
+            offset += cap * width
+        gathered = [torch.empty_like(packed) for _ in range(self.world)]
+        dist.all_gather(gathered, packed)
+        offset = 0
+        for t, (p, cap, width) in enumerate(zip(self.sparse, caps, widths, strict=True)):
+            parts = [
+                g[offset : offset + cap * width].view(cap, width)[: int(per_rank[r, t])]
+                for r, g in enumerate(gathered)
+            ]
+            offset += cap * width
             both = torch.cat(parts)
             indices = both[:, :2].contiguous().view(torch.int64).view(-1)
             values = both[:, 2:].reshape(len(indices), *p.shape[1:]).div_(self.world)
-            p.grad = torch.sparse_coo_tensor(indices[None], values, p.shape).coalesce()
+            p.grad = torch.sparse_coo_tensor(
+                indices[None], values, p.shape, check_invariants=False
+            ).coalesce()
