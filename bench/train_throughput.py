@@ -17,14 +17,15 @@ Variants, interleaved per repeat on one Ray cluster (the plain loops run in the 
   epoch. ``plain_1t`` is the same on one thread (what a Ray worker under 1 CPU gets:
   ``OMP_NUM_THREADS=1``), the baseline of the targets: ``ray_1w`` >= 0.9x, ``ray_2w`` >= 1.3x.
 - ``ray_1w`` / ``ray_2w``: ``app.train.fit``, the path ``jobs.train`` takes (a TorchTrainer fed
-  by Ray Data, DDP with 2 workers, each taking ``train.batch_size`` rows per step).
+  by Ray Data shards held in memory after one read, gradients averaged by ``GradientSync`` with
+  2 workers, each taking ``train.batch_size`` rows per step).
 
 Throughput is each epoch's ``interactions_per_s`` as the loop reports it; Ray's start-up and each
 run's set-up are reported on their own. Probes explain the ratios: where a plain step's time
-goes (batching, forward + backward, optimiser), a gloo all-reduce between 2 processes of what
-DDP syncs per step (the dense parameters' gradient plus a sparse gradient of a batch's rows of
-each sparse table) next to the whole model's dense gradient (what DDP synced before the tables
-had sparse gradients), and Ray Data's ``iter_torch_batches`` alone (skip the last two with
+goes (batching, forward + backward, optimiser), a gloo sync between 2 processes of what
+``GradientSync`` sends per step (the dense parameters' gradient plus a batch's rows of each
+sparse table) next to the whole model's dense gradient (what DDP synced before the tables had
+sparse gradients), and Ray Data's ``iter_torch_batches`` alone (skip the last two with
 ``--no-probes``).
 
 ``--quality`` adds time to quality on ml-latest-small: validation NDCG@10 after every epoch of
@@ -773,6 +774,11 @@ def measure(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print its table and write ``bench/results/train_throughput.json``."""
     args = parse_args(argv)
+    if args.quality:
+        try:
+            import implicit  # noqa: F401  (checked first: the quality part runs last)
+        except ImportError:
+            raise SystemExit("--quality needs implicit ALS: pip install -e '.[bench]'") from None
     cfg = bench_config(args.interactions, args.workdir, args.epochs, args.config, args.overrides)
     load_before = os.getloadavg()
     ds, variants, probes, quality = measure(args, cfg)

@@ -173,10 +173,15 @@ def test_training_survives_a_lost_worker_node(cluster, spread_run, s3_env, recor
     killed_at = time.monotonic()
     cluster.add_worker("c", 2, {**WORKER, "node_c": 1})  # the autoscaler's replacement
     deadline = time.monotonic() + 600  # node death detection, restart, the remaining epochs
+    printed_at = None  # when the job printed its registered model
     while "SUCCEEDED" not in (status := job_cli(cluster, "status", job)):
-        assert "FAILED" not in status and time.monotonic() < deadline, job_cli(
-            cluster, "logs", job
-        )[-4000:]
+        logs = job_cli(cluster, "logs", job)
+        if printed_at is None and "registered synthetic-mf" in logs:
+            printed_at = time.monotonic()
+        assert "FAILED" not in status and time.monotonic() < deadline, (
+            f"{status}\nresult printed {printed_at and round(printed_at - killed_at)} s after the "
+            f"kill\n--- job logs\n{logs[-3000:]}\n{_logs_naming(cluster, job)}"
+        )
         time.sleep(3)
     record = get_record(Lake(lake), "synthetic-mf", "latest")
     restarts = max(h["restarts"] for h in record.lineage["history"])
@@ -190,6 +195,19 @@ def test_training_survives_a_lost_worker_node(cluster, spread_run, s3_env, recor
     record_property("train_restarts", restarts)
     assert restarts >= 1 and epochs == sorted(set(epochs)) and epochs[-1] == 8
     assert abs(killed - unkilled) <= NOISE * unkilled
+
+
+def _logs_naming(cluster: LocalCluster, text: str, tail: int = 1500) -> str:
+    """The tails of the head's Ray logs that mention ``text`` (a job id, say)."""
+    out = []
+    for path in sorted((cluster.root / "ray").glob("session_*/logs/*")):
+        try:
+            body = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if text in body and "job-driver" not in path.name:
+            out.append(f"--- {path.name}\n{body[-tail:]}")
+    return "\n".join(out[-6:])
 
 
 @dataclass
