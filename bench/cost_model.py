@@ -35,10 +35,7 @@ ingest ingest_cpus:cpus ingest_rows_s:sizes.rows={top}.ray.rows_per_s
 train_throughput train_rate:variants.variant=ray_2w.epochs.0.interactions_per_s train_cpus:ray.cpus
   train_dim:workload.model.embed_dim train_batch:workload.train.batch_size
   epoch_rows:workload.interactions_per_epoch raw_events:workload.raw_events
-  train_params:workload.parameters step_ms:variants.variant=plain_1t.epochs.0.ms_per_step
-  adam_share:variants.variant=plain_1t.epochs.0.step_split.adam
-  allreduce_floats:probes.gloo_allreduce_2_ranks.floats
-  allreduce_ms:probes.gloo_allreduce_2_ranks.ms_per_allreduce
+  sync_ms:probes.gloo_allreduce_2_ranks.ms_per_step
 batch_predict bp_users_s:ray_data.users_per_s bp_cpus:workload.cluster_cpus bp_items:workload.items
   bp_batch:workload.batch
 events events_embedded_s:backends.embedded.events_per_s events_redis_s:backends.redis.events_per_s
@@ -144,8 +141,7 @@ def calibrate(r: Results) -> dict[str, Any]:
     c["ingest_rows_per_core"] = v["ingest_rows_s"] / v["ingest_cpus"]
     c["train_per_core"] = v["train_rate"] / v["train_cpus"]
     c["interactions_per_event"] = v["epoch_rows"] / v["raw_events"]
-    c["adam_ms_per_param"] = v["step_ms"] * v["adam_share"] / v["train_params"]
-    c["allreduce_ms_per_param"] = v["allreduce_ms"] / v["allreduce_floats"]
+    c["sync_ms_per_peer"] = v["sync_ms"]  # one step's touched rows from one other worker
     c["bp_users_per_core"] = v["bp_users_s"] / v["bp_cpus"]
     return c
 
@@ -216,9 +212,10 @@ def project(c: dict[str, Any], p: Params) -> dict[str, Any]:
     rows = d["train_epoch_samples"] = p.events * c["interactions_per_event"]
     params = (p.users + p.items) * c["train_dim"]
     d["train_epoch_s_at_measured_rate"] = rows / (c["train_per_core"] * p.cores)
-    per_step = params * (c["adam_ms_per_param"] + c["allreduce_ms_per_param"]) / 1000.0
-    d["train_epoch_s_dense_floor"] = rows / (c["train_batch"] * p.cores) * per_step
-    d["train_worker_gib_dense"] = params * 4 * (2 + p.adam_states) / GIB
+    # Each step all-gathers every other worker's touched rows (their size follows the batch).
+    steps = rows / (c["train_batch"] * p.cores)
+    d["train_epoch_s_row_sync"] = steps * c["sync_ms_per_peer"] * (p.cores - 1) / 1000.0
+    d["train_worker_gib_whole_tables"] = params * 4 * (1 + p.adam_states) / GIB
     # the run's per-user cost minus its exact scan, plus the target's scan (batch 64: the largest)
     scan = c["threads"] * retrieval_ms(c, p, "exact", 64, c["bp_items"])
     base = 1000.0 / c["bp_users_per_core"] - scan

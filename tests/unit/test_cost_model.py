@@ -65,12 +65,8 @@ def _synthetic(folder: Path) -> Path:
             },
             "variants": [
                 {"variant": "ray_2w", "epochs": [{"interactions_per_s": 4000.0}]},
-                {
-                    "variant": "plain_1t",
-                    "epochs": [{"ms_per_step": 100.0, "step_split": {"adam": 0.5}}],
-                },
             ],
-            "probes": {"gloo_allreduce_2_ranks": {"floats": 1000, "ms_per_allreduce": 10.0}},
+            "probes": {"gloo_allreduce_2_ranks": {"ms_per_step": 10.0}},
             "machine": {},
         },
         "batch_predict": {
