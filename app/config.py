@@ -42,10 +42,10 @@ def _absolute_output(value: str) -> str:
     if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
         if in_ray_working_dir_copy():
             raise ValueError(
-                f"{value!r} is a relative path, and this process runs in Ray's temporary copy "
-                f"of the job's working directory ({os.getcwd()}), which is deleted with the job "
-                "and which other nodes do not see: pass an absolute path that every node "
-                "shares (lake=/mnt/shared/lake) or an object-store URI (lake=s3://bucket/lake)"
+                f"{value!r} is a relative path, and this process runs in Ray's temporary copy of "
+                f"the job's working directory ({os.getcwd()}), deleted with the job and unseen by "
+                "other nodes: pass an absolute path that every node shares "
+                "(lake=/mnt/shared/lake) or an object-store URI (lake=s3://bucket/lake)"
             )
     return _absolute(value)
 
@@ -258,11 +258,10 @@ class EventsArgs(_Args):
 
 
 class ServeArgs(_Args):
-    """Ray Serve application settings.
+    """Ray Serve application settings, the base of ``app.serve.ServeAppArgs``.
 
-    The base of ``app.serve.ServeAppArgs``. A pipeline run deploys the Serve config named by
-    ``config`` and overrides its ``host``, ``port`` and ``cache_size`` with this section's
-    (``app.serve.args.resolve_settings`` decides which source wins).
+    A pipeline run deploys the Serve config named by ``config`` and overrides its ``host``,
+    ``port`` and ``cache_size`` with this section's (``app.serve.args.resolve_settings`` decides).
     """
 
     model: str = "production"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,19 @@ def job_cli(cluster: LocalCluster, what: str, job: str) -> str:
     return out.stdout + out.stderr
 
 
+def job_state(cluster: LocalCluster, job: str) -> tuple[str, str]:
+    """``(state, CLI output)``: RUNNING-like states as printed, else SUCCEEDED / FAILED / STOPPED.
+
+    ``ray job status`` prints "Status for job '<id>': RUNNING" while a job runs but only
+    "Job '<id>' succeeded" (or failed, stopped) once it ends.
+    """
+    out = job_cli(cluster, "status", job)
+    if m := re.search(rf"Job '{re.escape(job)}' (succeeded|failed|stopped)", out):
+        return m.group(1).upper(), out
+    m = re.search(rf"Status for job '{re.escape(job)}': (\w+)", out)
+    return (m.group(1) if m else "UNKNOWN"), out
+
+
 def ndcg(lake: str, key: str = "ndcg@10") -> float:
     return float(get_record(Lake(lake), "synthetic-mf", "latest").metrics[key])
 
@@ -164,8 +178,9 @@ def test_training_survives_a_lost_worker_node(cluster, spread_run, s3_env, recor
     deadline = time.monotonic() + 600
     while len(fs.glob(checkpoints)) < 2:  # two epochs done: the run is mid-training
         assert time.monotonic() < deadline, job_cli(cluster, "logs", job)[-3000:]
-        assert "SUCCEEDED" not in (status := job_cli(cluster, "status", job)), "too late"
-        assert "FAILED" not in status, job_cli(cluster, "logs", job)[-3000:]
+        state, _ = job_state(cluster, job)
+        assert state != "SUCCEEDED", "too late"
+        assert state not in ("FAILED", "STOPPED"), job_cli(cluster, "logs", job)[-3000:]
         fs.invalidate_cache()
         time.sleep(0.5)
     victim = next(n for n in cluster.nodes if n.name == "b")
@@ -174,11 +189,11 @@ def test_training_survives_a_lost_worker_node(cluster, spread_run, s3_env, recor
     cluster.add_worker("c", 2, {**WORKER, "node_c": 1})  # the autoscaler's replacement
     deadline = time.monotonic() + 600  # node death detection, restart, the remaining epochs
     printed_at = None  # when the job printed its registered model
-    while "SUCCEEDED" not in (status := job_cli(cluster, "status", job)):
-        logs = job_cli(cluster, "logs", job)
+    while (state := job_state(cluster, job))[0] != "SUCCEEDED":
+        status, logs = state[1], job_cli(cluster, "logs", job)
         if printed_at is None and "registered synthetic-mf" in logs:
             printed_at = time.monotonic()
-        assert "FAILED" not in status and time.monotonic() < deadline, (
+        assert state[0] not in ("FAILED", "STOPPED") and time.monotonic() < deadline, (
             f"{status}\nresult printed {printed_at and round(printed_at - killed_at)} s after the "
             f"kill\n--- job logs\n{logs[-3000:]}\n{_logs_naming(cluster, job)}"
         )
