@@ -94,7 +94,12 @@ def top_k(
 
 
 def top_k_dot(
-    queries: np.ndarray, items: np.ndarray | torch.Tensor, exclude: Exclude, k: int
+    queries: np.ndarray,
+    items: np.ndarray | torch.Tensor,
+    exclude: Exclude,
+    k: int,
+    *,
+    out: np.ndarray | None = None,
 ) -> TopK:
     """Exact ``top_k(queries @ itemsᵀ, exclude, k)``, ranking the product in place.
 
@@ -108,10 +113,27 @@ def top_k_dot(
         items: ``(N, d)`` item vectors, ideally from ``item_matrix``.
         exclude: Items never returned (see ``top_k``).
         k: List length.
+        out: Scratch for the product, overwritten: a writable C-contiguous array of the items'
+            dtype with ``N`` columns and at least ``rows`` rows. A caller ranking many batches
+            passes one buffer to all, so no fresh score matrix is allocated and paged in per call.
     """
     v = items.numpy() if isinstance(items, torch.Tensor) else np.asarray(items)
     u = np.ascontiguousarray(queries, dtype=v.dtype)
-    return top_k(u @ v.T, exclude, k, overwrite=True)
+    if out is None:
+        return top_k(u @ v.T, exclude, k, overwrite=True)
+    if (
+        out.dtype != v.dtype
+        or out.ndim != 2
+        or out.shape[1] != len(v)
+        or len(out) < len(u)
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"out must be a writable C-contiguous {v.dtype} array of at least "
+            f"({len(u)}, {len(v)}), got {out.dtype} {out.shape}"
+        )
+    return top_k(np.matmul(u, v.T, out=out[: len(u)]), exclude, k, overwrite=True)
 
 
 def item_matrix(items: np.ndarray | torch.Tensor) -> np.ndarray:
