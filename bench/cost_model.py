@@ -37,7 +37,7 @@ train_throughput train_rate:variants.variant=ray_2w.epochs.0.interactions_per_s 
   epoch_rows:workload.interactions_per_epoch raw_events:workload.raw_events
   sync_ms:probes.gloo_allreduce_2_ranks.ms_per_step
 batch_predict bp_users_s:ray_data.users_per_s bp_cpus:workload.cluster_cpus bp_items:workload.items
-  bp_batch:workload.batch
+  bp_chunk:workload.chunk
 events events_embedded_s:backends.embedded.events_per_s events_redis_s:backends.redis.events_per_s
 """
 ASSUMED = {  # assumptions that are no parameter; the parameters' sources are their comments
@@ -222,7 +222,8 @@ def project(c: dict[str, Any], p: Params) -> dict[str, Any]:
     for kind in ("exact", "ann"):
         ms = base + c["threads"] * retrieval_ms(c, p, kind, 64, p.items)
         d[f"batch_predict_s_{kind}"] = p.users * ms / 1000.0 / p.cores
-    d["batch_predict_scores_gib_per_batch"] = c["bp_batch"] * p.items * 4 / GIB
+    # One chunk's scores at a time: a chunk of the measured rows over the target's items.
+    d["batch_predict_scores_gib_per_chunk"] = c["bp_chunk"] * p.items * 4 / GIB
     rate = d["event_rate"] = p.events / (p.event_days * 86400)
     for b in ("embedded", "redis"):
         d[f"event_cores_{b}"] = rate / (c[f"events_{b}_s"] / p.events_cores) / p.headroom

@@ -71,7 +71,7 @@ def _synthetic(folder: Path) -> Path:
         },
         "batch_predict": {
             "ray_data": {"users_per_s": 2000.0},
-            "workload": {"cluster_cpus": 2.0, "items": 10_000, "batch": 100},
+            "workload": {"cluster_cpus": 2.0, "items": 10_000, "chunk": 100},
         },
         "events": {
             "backends": {
