@@ -1,6 +1,7 @@
 """Offline quality on ml-latest-small: ScaleRec's models vs reference baselines, same run.
 
-python -m bench.quality [--quick] [--torch-epochs 60]  → bench/results/quality.json
+python -m bench.quality [--quick] [--torch-epochs 60] [--skip mf two_tower tune]
+→ bench/results/quality.json
 
 Protocol (docs/design.md): per-user temporal split (train / validation / test = the last 20%),
 full ranking over every item minus the user's history, K=10. Every model is tuned on validation
@@ -12,12 +13,13 @@ Baselines (``baseline: true``): popularity, implicit ALS and BPR, ItemKNN cosine
 ``CosineRecommender``) and EASE. EASE is solved by ``EDLAE(dropout=0)`` on a binary history,
 which is the EASE closed form (``test_edlae_without_dropout_is_ease`` checks it against
 ``app.models.EASE``) but solved by Cholesky on the items that have interactions only.
-ScaleRec's own: MF and two-tower (``TorchRecommender.fit``: the models' own loss and the
-training loop of ``app.models``, with the ``TrainArgs`` defaults for batch size and learning
-rate; the epoch count is chosen on validation), EDLAE scored on a recency-weighted history
-(``recency_weighted``), and
-the model the Ray Tune search of ``--config`` selects (``app.tune.run``: Optuna over EDLAE's
-lambda, dropout and recency tau, refit on train + validation, registered), tested here.
+ScaleRec's own: MF and two-tower, trained by Ray Train (``app.train.fit``) with the model and
+train sections of ``--config`` (the epoch count is chosen on validation, then refit on train +
+validation), EDLAE scored on a recency-weighted history (``recency_weighted``), and the model
+the Ray Tune search of ``--config`` selects (``app.tune.run``: Optuna over EDLAE's lambda,
+dropout and recency tau, refit on train + validation, registered), tested here.
+Each row's ``trained_with`` says what fitted it: ``ray_train``, ``closed_form`` (ScaleRec's
+closed-form models) or ``external`` (another library's model).
 Each row's ``seconds`` covers its whole grid, the refit and the evaluations.
 """
 
@@ -38,9 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from app.config import TrainArgs
 from app.evaluate import evaluate
-from app.models import EDLAE, MatrixFactorization, Popularity, TwoTower, recency_weighted
+from app.models import EDLAE, Popularity, recency_weighted
 from app.store import DatasetVersion
 
 K = 10
@@ -118,6 +119,7 @@ def _metrics(score_fn: ScoreFn, history: sp.csr_matrix, target: sp.csr_matrix) -
 def tune(
     name: str,
     baseline: bool,
+    trained_with: str,
     data: Splits,
     fit: Callable[[dict, str], Any],
     fit_grid: Iterable[dict],
@@ -129,6 +131,7 @@ def tune(
     Args:
         name: row label.
         baseline: whether the row is a reference implementation.
+        trained_with: ``closed_form`` (ScaleRec's code) or ``external`` (another library).
         data: the splits.
         fit: ``(fit params, stage)`` → a fitted model (stage ``valid`` fits on train).
         fit_grid: parameter sets that need a fit each.
@@ -159,6 +162,7 @@ def tune(
     return {
         "model": name,
         "baseline": baseline,
+        "trained_with": trained_with,
         "params": {k: v for k, v in (fp | spr).items() if not k.startswith("_")},
         f"valid_ndcg@{K}": valid_ndcg,
         **test,
@@ -186,6 +190,7 @@ def run_popularity(data: Splits) -> dict:
     return tune(
         "Popularity",
         True,
+        "closed_form",
         data,
         lambda fp, st: Popularity(data.n_users, data.n_items).fit(_fit_matrix(data, st)),
         [{}],
@@ -219,7 +224,7 @@ def run_als(data: Splits, quick: bool) -> dict:
             model.fit(_fit_matrix(data, stage), show_progress=False)
         return model
 
-    return tune("implicit ALS", True, data, fit, grid, _implicit_scorer)
+    return tune("implicit ALS", True, "external", data, fit, grid, _implicit_scorer)
 
 
 def run_bpr(data: Splits, quick: bool) -> dict:
@@ -241,7 +246,7 @@ def run_bpr(data: Splits, quick: bool) -> dict:
         model.fit(_fit_matrix(data, stage), show_progress=False)
         return model
 
-    return tune("implicit BPR", True, data, fit, grid, _implicit_scorer)
+    return tune("implicit BPR", True, "external", data, fit, grid, _implicit_scorer)
 
 
 def run_itemknn(data: Splits, quick: bool) -> dict:
@@ -259,7 +264,7 @@ def run_itemknn(data: Splits, quick: bool) -> dict:
         return lambda users: np.asarray((history[users] @ sim).toarray(), dtype=np.float32)
 
     ks = [10, 20, 50, 100, 200] if not quick else [20]
-    return tune("ItemKNN cosine", True, data, fit, [{"k": k} for k in ks], scorer)
+    return tune("ItemKNN cosine", True, "external", data, fit, [{"k": k} for k in ks], scorer)
 
 
 class _ClosedFormCache:
@@ -325,7 +330,7 @@ def run_closed_form(data: Splits, quick: bool) -> list[dict]:
             return lambda users: model.score(users, history[users])
 
         t0 = time.perf_counter()
-        row = tune(label, baseline, data, fit, fit_grid, scorer, score_grid)
+        row = tune(label, baseline, "closed_form", data, fit, fit_grid, scorer, score_grid)
         # Charge every solve this row used, including ones another row computed first.
         wall = time.perf_counter() - t0
         row["seconds"] = round(max(wall, sum(used)), 1)
@@ -333,48 +338,75 @@ def run_closed_form(data: Splits, quick: bool) -> list[dict]:
     return rows
 
 
-def run_torch(data: Splits, family: str, max_epochs: int, eval_every: int) -> dict:
-    """MF or two-tower: exact softmax, d 128, T 0.1, l2 1e-3; epochs chosen on validation."""
+def run_torch(
+    data: Splits,
+    family: str,
+    config: str,
+    lake: str,
+    data_path: str,
+    max_epochs: int,
+    eval_every: int,
+) -> dict:
+    """MF or two-tower by Ray Train (``app.train.fit``), settings from ``config``.
+
+    The epoch count is chosen on validation NDCG@10 (fit on train), then the model is refit on
+    train + validation for that many epochs and scored on test as every other row is.
+    """
+    from app import train as app_train
+    from app.config import load_config
+
     t0 = time.perf_counter()
-    hp = {
-        "embed_dim": 128,
-        "loss": "softmax",
-        "num_negatives": data.n_items,  # >= n_items: exact softmax over the catalogue
-        "temperature": 0.1,
-        "l2": 1e-3,
-        "seed": 0,
-    }
-
-    def build() -> MatrixFactorization | TwoTower:
-        if family == "mf":
-            return MatrixFactorization(data.n_users, data.n_items, **hp)
-        return TwoTower(data.n_users, data.n_items, item_genres=data.genres, **hp)
-
     label = "ScaleRec MF" if family == "mf" else "ScaleRec two-tower"
-    history, target = data.stage("valid")
-    model = build()
-    trials: list[dict] = []
+    cfg = load_config(
+        config,
+        [
+            f"model.name={family}",
+            f"lake={lake}",
+            f"data.path={data_path}",
+            "train.refit=false",
+            f"train.eval_every={eval_every}",
+            f"train.epochs={max_epochs}",
+            "train.max_failures=0",
+        ],
+    )
+    valid = app_train.fit(data.ds, cfg.model, cfg.train, seed=cfg.seed)
+    metric = app_train.VALID_METRIC
+    trials = [
+        {"epochs": h["epoch"], metric: round(h[metric], 5)} for h in valid.history if metric in h
+    ]
+    for t in trials:
+        print(f"  {label} epoch {t['epochs']}: valid ndcg@{K} {t[metric]:.4f}", flush=True)
+    epochs, valid_ndcg = int(valid.best_metrics["epoch"]), float(valid.best_metrics[metric])
 
-    def on_epoch(epoch: int, _loss: float) -> None:
-        if epoch % eval_every and epoch != max_epochs:
-            return
-        ndcg = _metrics(lambda u: model.score(u, history[u]), history, target)[f"ndcg@{K}"]
-        trials.append({"epochs": epoch, f"valid_ndcg@{K}": round(ndcg, 5)})
-        print(f"  {label} epoch {epoch}: valid ndcg@{K} {ndcg:.4f}", flush=True)
-
-    model.fit(history, epochs=max_epochs, on_epoch=on_epoch)
-    valid_ndcg, epochs = max((t[f"valid_ndcg@{K}"], t["epochs"]) for t in trials)
+    refit_cfg = app_train.with_train(cfg, refit=True, epochs=epochs)
+    model = app_train.fit(data.ds, refit_cfg.model, refit_cfg.train, seed=cfg.seed).model
     history, target = data.stage("test")
-    model = build().fit(history, epochs=epochs)
     test = _metrics(lambda u: model.score(u, history[u]), history, target)
     seconds = time.perf_counter() - t0
     print(f"  {label} chosen {epochs} epochs: test ndcg@{K} {test[f'ndcg@{K}']:.4f}")
-    train = TrainArgs()  # the defaults TorchRecommender.fit trains with
-    params = {k: v for k, v in hp.items() if k != "num_negatives"} | {"epochs": epochs}
-    params |= {"exact_softmax": True, "lr": train.lr, "batch_size": train.batch_size}
+    m, tr = cfg.model, cfg.train
+    params: dict[str, Any] = {"embed_dim": m.embed_dim, "loss": m.loss}
+    if m.loss == "softmax" and m.num_negatives >= data.n_items:
+        params["exact_softmax"] = True
+    else:
+        params["num_negatives"] = m.num_negatives
+    params |= {"temperature": m.temperature, "l2": m.l2}
+    if family == "mf":
+        params |= {"normalize": m.normalize, "use_bias": m.use_bias}
+    else:
+        params["history_dropout"] = m.history_dropout
+    params |= {
+        "epochs": epochs,
+        "lr": tr.lr,
+        "batch_size": tr.batch_size,
+        "num_workers": tr.num_workers,
+        "cpus_per_worker": tr.cpus_per_worker,
+        "seed": cfg.seed,
+    }
     return {
         "model": label,
         "baseline": False,
+        "trained_with": "ray_train",
         "params": params,
         f"valid_ndcg@{K}": valid_ndcg,
         **test,
@@ -392,14 +424,14 @@ def run_ray_tune(data: Splits, config: str, lake: str, data_path: str, samples: 
     from app import tune as app_tune
     from app.config import AppConfig, load_config
     from app.store import load_model
+    from app.train import CLOSED_FORM
 
     name = f"quality-{int(time.time())}"
     overrides = [f"lake={lake}", f"data.path={data_path}", f"tune.name={name}"]
     cfg = load_config(config, [*overrides, f"tune.num_samples={samples}"])
-    with small_ray():
-        t0 = time.perf_counter()
-        record = app_tune.run(cfg, data.ds)
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    record = app_tune.run(cfg, data.ds)
+    wall = time.perf_counter() - t0
     chosen_cfg = AppConfig.model_validate(record.config)
     model, _ = load_model(data.ds.lake, record.name, record.version)
     history, target = data.stage("test")
@@ -411,6 +443,7 @@ def run_ray_tune(data: Splits, config: str, lake: str, data_path: str, samples: 
     return {
         "model": f"ScaleRec Ray Tune-selected ({chosen_cfg.model.name})",
         "baseline": False,
+        "trained_with": "closed_form" if chosen_cfg.model.name in CLOSED_FORM else "ray_train",
         "params": params,
         f"valid_ndcg@{K}": float(record.metrics["valid_ndcg@10"]),
         **test,
@@ -437,15 +470,16 @@ def _params_text(params: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table: per model its chosen parameters, validation NDCG, test metrics, seconds."""
+    """Markdown table: per model how it was trained, chosen parameters, valid and test metrics."""
     head = (
-        "| model | tuned on validation | valid NDCG@10 | NDCG@10 | Recall@10 | HR@10 | MRR@10 "
-        "| coverage@10 | seconds |"
+        "| model | trained with | tuned on validation | valid NDCG@10 | NDCG@10 | Recall@10 "
+        "| HR@10 | MRR@10 | coverage@10 | seconds |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']}{'' if r['baseline'] else ' (ours)'}"
+            f" | {r['trained_with']}"
             f" | {_params_text(r['params']) or '–'}"
             f" | {r[f'valid_ndcg@{K}']:.4f} | {r[f'ndcg@{K}']:.4f} | {r[f'recall@{K}']:.4f}"
             f" | {r[f'hr@{K}']:.3f} | {r[f'mrr@{K}']:.4f} | {r[f'coverage@{K}']:.3f}"
@@ -461,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lake", default="/tmp/scalerec-bench-quality/lake")
     p.add_argument("--data", default="../shared/data/ml-latest-small")
     p.add_argument("--torch-epochs", type=int, default=None, help="max epochs (60; quick 3)")
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=5, help="torch rows: validate every N")
     p.add_argument("--skip", nargs="*", default=[], help="leave out: mf two_tower tune")
     p.add_argument("--tune-samples", type=int, default=None, help="Ray Tune trials (16; quick 4)")
     p.add_argument("--out", default="bench/results/quality.json")
@@ -480,12 +514,16 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [run_popularity(data), run_itemknn(data, ns.quick)]
     rows += [run_als(data, ns.quick), run_bpr(data, ns.quick)]
     rows += run_closed_form(data, ns.quick)
-    for family in ("mf", "two_tower"):
-        if family not in ns.skip:
-            rows.append(run_torch(data, family, max_epochs, eval_every))
-    if "tune" not in ns.skip:
-        samples = ns.tune_samples or (4 if ns.quick else 16)
-        rows.append(run_ray_tune(data, ns.config, ns.lake, ns.data, samples))
+    families = [f for f in ("mf", "two_tower") if f not in ns.skip]
+    if families or "tune" not in ns.skip:
+        with small_ray():  # one cluster for the Ray Train rows and the Ray Tune search
+            for family in families:
+                rows.append(
+                    run_torch(data, family, ns.config, ns.lake, ns.data, max_epochs, eval_every)
+                )
+            if "tune" not in ns.skip:
+                samples = ns.tune_samples or (4 if ns.quick else 16)
+                rows.append(run_ray_tune(data, ns.config, ns.lake, ns.data, samples))
     order = {
         r: i for i, r in enumerate(["Popularity", "implicit ALS", "implicit BPR", "ItemKNN cosine"])
     }
@@ -535,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "protocol": "docs/design.md: temporal split, full ranking, valid-chosen, refit train+valid",
         "quick": ns.quick,
-        "torch_training": "in-process TorchRecommender.fit (app.models), not app.train.fit",
+        "config": ns.config,
+        "torch_training": "Ray Train (app.train.fit), model and train sections of config",
         "rows": rows,
         "summary": summary,
         "table": text,
