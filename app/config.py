@@ -151,12 +151,11 @@ class DataArgs(_Args):
 class ModelArgs(_Args):
     """Which recommender to build and its hyperparameters."""
 
-    name: Literal["popularity", "ease", "edlae", "mf", "two_tower"] = "mf"
+    name: Literal["popularity", "ease", "edlae", "mf", "two_tower", "seq_ae"] = "mf"
     """Model family."""
     version: str | None = None
     """Registry version or alias (``production``, ``staging``) to load, for evaluate/serve."""
-    embed_dim: int = Field(128, ge=1)
-    """Embedding size of MF and two-tower models."""
+    embed_dim: int = Field(128, ge=1, description="Embedding size of the torch models.")
     loss: Literal["bpr", "softmax"] = "softmax"
     """Training loss: BPR with sampled negatives, or sampled softmax."""
     num_negatives: int = Field(256, ge=1)
@@ -169,21 +168,22 @@ class ModelArgs(_Args):
     """Learn a per-item bias in matrix factorisation."""
     normalize: bool = Field(False, description="MF: cosine scores (unit-length vectors) / T.")
     history_dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    """Two-tower: drop this share of a user's history items while training (regularises)."""
-    temperature: float = Field(0.1, gt=0.0)
-    """Softmax temperature."""
-    ease_lambda: float = Field(500.0, gt=0.0)
-    """EASE ridge strength."""
+    """Two-tower, seq_ae: drop this share of a user's history items while training."""
+    temperature: float = Field(0.1, gt=0.0, description="Softmax temperature.")
+    ease_lambda: float = Field(500.0, gt=0.0, description="EASE ridge strength.")
     ease_max_items: int = Field(40_000, ge=1)
     """Refuse EASE/EDLAE above this many items (the item-item matrix is dense)."""
-    edlae_lambda: float = Field(500.0, gt=0.0)
-    """EDLAE ridge strength."""
+    edlae_lambda: float = Field(500.0, gt=0.0, description="EDLAE ridge strength.")
     edlae_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """EDLAE emphasised-denoising dropout rate p (0 = EASE's objective)."""
     edlae_zero_diagonal: bool = True
     """Constrain the item-item diagonal to zero (EDLAE) or not (DLAE)."""
     recency_tau: float = Field(5.0, ge=0.0)
-    """EDLAE: weight a user's history items by exp(-rank_from_latest / tau); 0 = binary."""
+    """EDLAE, seq_ae: weight history items by exp(-rank_from_latest / tau); 0 = binary."""
+    seq_window: float = Field(0.25, gt=0.0, le=1.0)
+    """seq_ae: a sample cut at position c predicts the next ceil(seq_window * c) items."""
+    seq_cuts: float = Field(4.0, gt=0.0, description="seq_ae: samples per user per epoch.")
+    seq_min_cut: float = Field(0.3, ge=0.0, lt=1.0, description="seq_ae: earliest cut (share).")
 
 
 class TrainArgs(_Args):

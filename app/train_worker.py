@@ -117,12 +117,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed = int(config.get("seed", 0))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    fit_csr = ds.csr(*fit_splits(train_args))
     target = None if train_args.refit else ds.csr("valid")
 
     rec = build_model(model_args, ds.n_users, ds.n_items, ds.item_genres(), seed=seed)
     if not isinstance(rec, TorchRecommender):
         raise ValueError(f"model.name={model_args.name!r} has no torch module to train")
+    # The model's own view of the history: binary, or time-ranked for the sequence model.
+    fit_csr = rec.history(ds, *fit_splits(train_args))
     rec.prepare(fit_csr, sparse=not train_args.use_gpu)  # NCCL all-reduces dense tensors only
     module = rec.module
     optimizer = rec.optimizer(train_args.lr)  # RowAdam: sparse tables step their rows only

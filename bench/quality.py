@@ -1,6 +1,6 @@
 """Offline quality on ml-latest-small: ScaleRec's models vs reference baselines, same run.
 
-python -m bench.quality [--quick] [--torch-epochs 60] [--skip mf two_tower tune]
+python -m bench.quality [--quick] [--torch-epochs 60] [--skip seq_ae mf two_tower tune]
 → bench/results/quality.json
 
 Protocol (docs/design.md): per-user temporal split (train / validation / test = the last 20%),
@@ -13,11 +13,12 @@ Baselines (``baseline: true``): popularity, implicit ALS and BPR, ItemKNN cosine
 ``CosineRecommender``) and EASE. EASE is solved by ``EDLAE(dropout=0)`` on a binary history,
 which is the EASE closed form (``test_edlae_without_dropout_is_ease`` checks it against
 ``app.models.EASE``) but solved by Cholesky on the items that have interactions only.
-ScaleRec's own: MF and two-tower, trained by Ray Train (``app.train.fit``) with the model and
-train sections of ``--config`` (the epoch count is chosen on validation, then refit on train +
-validation), EDLAE scored on a recency-weighted history (``recency_weighted``), and the model
-the Ray Tune search of ``--config`` selects (``app.tune.run``: Optuna over EDLAE's lambda,
-dropout and recency tau, refit on train + validation, registered), tested here.
+ScaleRec's own: the sequence autoencoder (``seq_ae``), MF and two-tower, trained by Ray Train
+(``app.train.fit``) with the model and train sections of ``--config`` (``TORCH_OVERRIDES`` adds
+MF's settings; the epoch count is chosen on validation, then refit on train + validation),
+EDLAE scored on a recency-weighted history (``recency_weighted``), and the model the Ray Tune
+search of ``--config`` selects (``app.tune.run``: Optuna over the search space of the config,
+each trial a Ray Train run, the best refit on train + validation and registered), tested here.
 Each row's ``trained_with`` says what fitted it: ``ray_train``, ``closed_form`` (ScaleRec's
 closed-form models) or ``external`` (another library's model).
 Each row's ``seconds`` covers its whole grid, the refit and the evaluations.
@@ -338,6 +339,26 @@ def run_closed_form(data: Splits, quick: bool) -> list[dict]:
     return rows
 
 
+TORCH_LABELS = {
+    "seq_ae": "ScaleRec sequence autoencoder",
+    "mf": "ScaleRec MF",
+    "two_tower": "ScaleRec two-tower",
+}
+MF_SETTINGS = (
+    "model.embed_dim=128",
+    "model.num_negatives=16384",  # >= the catalogue: the exact softmax
+    "model.temperature=0.1",
+    "model.normalize=true",
+    "model.l2=0.0",
+    "model.use_bias=false",
+    "train.batch_size=2048",
+    "train.lr=0.01",
+)
+"""MF's settings chosen on validation (cosine scores, exact softmax); two-tower shares them."""
+TORCH_OVERRIDES: dict[str, tuple[str, ...]] = {"mf": MF_SETTINGS, "two_tower": MF_SETTINGS}
+"""Per family, settings on top of ``--config`` (its model and train sections are seq_ae's)."""
+
+
 def run_torch(
     data: Splits,
     family: str,
@@ -356,11 +377,12 @@ def run_torch(
     from app.config import load_config
 
     t0 = time.perf_counter()
-    label = "ScaleRec MF" if family == "mf" else "ScaleRec two-tower"
+    label = TORCH_LABELS[family]
     cfg = load_config(
         config,
         [
             f"model.name={family}",
+            *TORCH_OVERRIDES.get(family, ()),
             f"lake={lake}",
             f"data.path={data_path}",
             "train.refit=false",
@@ -381,19 +403,25 @@ def run_torch(
     refit_cfg = app_train.with_train(cfg, refit=True, epochs=epochs)
     model = app_train.fit(data.ds, refit_cfg.model, refit_cfg.train, seed=cfg.seed).model
     history, target = data.stage("test")
-    test = _metrics(lambda u: model.score(u, history[u]), history, target)
+    weighted = model.history(data.ds, "train", "valid")  # ranked for the sequence model
+    test = _metrics(lambda u: model.score(u, weighted[u]), history, target)
     seconds = time.perf_counter() - t0
     print(f"  {label} chosen {epochs} epochs: test ndcg@{K} {test[f'ndcg@{K}']:.4f}")
     m, tr = cfg.model, cfg.train
-    params: dict[str, Any] = {"embed_dim": m.embed_dim, "loss": m.loss}
-    if m.loss == "softmax" and m.num_negatives >= data.n_items:
-        params["exact_softmax"] = True
+    params: dict[str, Any] = {"embed_dim": m.embed_dim}
+    if family == "seq_ae":
+        params |= {"recency_tau": m.recency_tau, "input_dropout": m.history_dropout}
+        params |= {"window": m.seq_window, "cuts": m.seq_cuts, "min_cut": m.seq_min_cut}
     else:
-        params["num_negatives"] = m.num_negatives
-    params |= {"temperature": m.temperature, "l2": m.l2}
+        params["loss"] = m.loss
+        if m.loss == "softmax" and m.num_negatives >= data.n_items:
+            params["exact_softmax"] = True
+        else:
+            params["num_negatives"] = m.num_negatives
+        params |= {"temperature": m.temperature, "l2": m.l2}
     if family == "mf":
         params |= {"normalize": m.normalize, "use_bias": m.use_bias}
-    else:
+    elif family == "two_tower":
         params["history_dropout"] = m.history_dropout
     params |= {
         "epochs": epochs,
@@ -415,7 +443,7 @@ def run_torch(
     }
 
 
-def run_ray_tune(data: Splits, config: str, lake: str, data_path: str, samples: int) -> dict:
+def run_ray_tune(data: Splits, config: str, lake: str, data_path: str, samples: int | None) -> dict:
     """The Ray Tune search of ``config`` (``python -m jobs.tune``), its winner tested here.
 
     The search chooses on validation and refits on train + validation (``app.tune.run``); this
@@ -428,7 +456,9 @@ def run_ray_tune(data: Splits, config: str, lake: str, data_path: str, samples: 
 
     name = f"quality-{int(time.time())}"
     overrides = [f"lake={lake}", f"data.path={data_path}", f"tune.name={name}"]
-    cfg = load_config(config, [*overrides, f"tune.num_samples={samples}"])
+    if samples is not None:
+        overrides.append(f"tune.num_samples={samples}")
+    cfg = load_config(config, overrides)
     t0 = time.perf_counter()
     record = app_tune.run(cfg, data.ds)
     wall = time.perf_counter() - t0
@@ -496,8 +526,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default="../shared/data/ml-latest-small")
     p.add_argument("--torch-epochs", type=int, default=None, help="max epochs (60; quick 3)")
     p.add_argument("--eval-every", type=int, default=5, help="torch rows: validate every N")
-    p.add_argument("--skip", nargs="*", default=[], help="leave out: mf two_tower tune")
-    p.add_argument("--tune-samples", type=int, default=None, help="Ray Tune trials (16; quick 4)")
+    p.add_argument("--skip", nargs="*", default=[], help="leave out: seq_ae mf two_tower tune")
+    p.add_argument(
+        "--tune-samples", type=int, default=None, help="Ray Tune trials (config; quick 4)"
+    )
     p.add_argument("--out", default="bench/results/quality.json")
     ns = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -514,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [run_popularity(data), run_itemknn(data, ns.quick)]
     rows += [run_als(data, ns.quick), run_bpr(data, ns.quick)]
     rows += run_closed_form(data, ns.quick)
-    families = [f for f in ("mf", "two_tower") if f not in ns.skip]
+    families = [f for f in TORCH_LABELS if f not in ns.skip]
     if families or "tune" not in ns.skip:
         with small_ray():  # one cluster for the Ray Train rows and the Ray Tune search
             for family in families:
@@ -522,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
                     run_torch(data, family, ns.config, ns.lake, ns.data, max_epochs, eval_every)
                 )
             if "tune" not in ns.skip:
-                samples = ns.tune_samples or (4 if ns.quick else 16)
+                samples = ns.tune_samples or (4 if ns.quick else None)
                 rows.append(run_ray_tune(data, ns.config, ns.lake, ns.data, samples))
     order = {
         r: i for i, r in enumerate(["Popularity", "implicit ALS", "implicit BPR", "ItemKNN cosine"])

@@ -7,7 +7,8 @@ Workload: ``--interactions`` raw synthetic events (about 100 per user and 500 pe
 ingested once by ``app.ingest.run`` into a lake under ``--workdir`` and reused by later runs. An
 epoch covers train + validation (``train.refit=true``: no per-epoch evaluation). Model and
 training settings are the ``AppConfig`` defaults with ``model.name=mf``; dotted overrides change
-them as for the jobs.
+them as for the jobs. ``model.name=seq_ae`` measures the sequence autoencoder instead and writes
+its run beside MF's in an existing results file (``by_model.seq_ae``, ``summary.seq_ae``).
 
 Variants, interleaved per repeat on one Ray cluster (the plain loops run in the driver):
 
@@ -216,7 +217,7 @@ def plain_model(cfg: AppConfig, ds: DatasetVersion) -> TorchRecommender:
     """The MF recommender as each Ray worker builds it (same config, sizes and seed), prepared."""
     rec = build_model(cfg.model, ds.n_users, ds.n_items, seed=cfg.seed)
     assert isinstance(rec, TorchRecommender)
-    rec.prepare(ds.csr(*fit_splits(cfg.train)))
+    rec.prepare(rec.history(ds, *fit_splits(cfg.train)))  # time-ranked for the sequence model
     return rec
 
 
@@ -771,6 +772,27 @@ def measure(
     return ds, variants, probes, quality
 
 
+def merged(result: dict[str, Any], out: Path) -> dict[str, Any]:
+    """What to write: MF's run as the file, another family's beside it in an existing file.
+
+    MF's figures stay at the top (``summary.interactions_per_s``); a run of another family
+    (``model.name=seq_ae``) goes under ``by_model.<name>`` and its summary under
+    ``summary.<name>``, with its own workload, machine and load averages.
+    """
+    name = result["workload"]["model"]["name"]
+    if name == "mf" or not out.exists():
+        if name == "mf" and out.exists():  # keep the other families' runs
+            old = json.loads(out.read_text())
+            result["by_model"] = old.get("by_model", {})
+            for other in result["by_model"]:
+                result["summary"][other] = old["summary"].get(other)
+        return result
+    file = json.loads(out.read_text())
+    file.setdefault("by_model", {})[name] = result
+    file["summary"][name] = result["summary"]
+    return file
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print its table and write ``bench/results/train_throughput.json``."""
     args = parse_args(argv)
@@ -786,7 +808,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain = next(v for v in variants if v["variant"] == PLAIN_1T)
     result: dict[str, Any] = {
         "benchmark": "train_throughput",
-        "description": "interactions/s of MF training epochs: Ray Train (app.train.fit) at 1 and "
+        "description": f"interactions/s of {cfg.model.name} training epochs: Ray Train "
+        "(app.train.fit) at 1 and "
         "2 workers vs app.models.run_epoch in one process (1 thread: the targets' baseline), "
         "same model, loss, optimiser and batch size",
         "workload": {
@@ -803,6 +826,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 include={
                     "name",
                     "embed_dim",
+                    "history_dropout",
+                    "recency_tau",
+                    "seq_cuts",
                     "loss",
                     "num_negatives",
                     "temperature",
@@ -834,7 +860,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["notes"] = notes(result)
     result["table"] = text = table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(merged(result, args.out), indent=2) + "\n")
     print(text)
     print("\n".join(f"- {n}" for n in result["notes"]))
     print(f"wrote {args.out}")

@@ -5,7 +5,7 @@ or a distributed loop around ``run_epoch``), rank (``top_k``) and compress (``qu
 models through this package.
 """
 
-from app.models.base import Recommender
+from app.models.base import Recommender, sequence_ranks
 from app.models.closed_form import EASE, EDLAE, Popularity, recency_weighted
 from app.models.factory import MODELS, build_model, restore_model
 from app.models.neural import MatrixFactorization, TorchRecommender, TwoTower, run_epoch
@@ -20,6 +20,7 @@ from app.models.quantize import (
     quantized_builder,
     state_nbytes,
 )
+from app.models.sequential import SequenceAutoencoder
 from app.models.sync import GradientSync
 from app.models.topk import Exclude, TopK, item_matrix, rank_candidates, top_k, top_k_dot
 
@@ -36,6 +37,7 @@ __all__ = [
     "Popularity",
     "QuantizedRecommender",
     "Recommender",
+    "SequenceAutoencoder",
     "TopK",
     "TorchRecommender",
     "TwoTower",
@@ -47,6 +49,7 @@ __all__ = [
     "quantized_builder",
     "rank_candidates",
     "recency_weighted",
+    "sequence_ranks",
     "restore_model",
     "run_epoch",
     "state_nbytes",

@@ -75,6 +75,21 @@ class Recommender(ABC):
         matrix: sp.csr_matrix = dataset.csr(*splits)
         return matrix
 
+    def weigh_history(self, ranks: sp.csr_matrix) -> sp.csr_matrix:
+        """The history this model scores from, given each item's rank from the latest + 1.
+
+        ``ranks`` is ``sequence_ranks``-shaped (1 = the user's latest item). Binary by default;
+        models that weight items by recency override it (``EDLAE``, ``SequenceAutoencoder``).
+        """
+        return binary_history(ranks, self.n_items)
+
+    def sequence_history(self, rows: list[np.ndarray]) -> sp.csr_matrix:
+        """``weigh_history`` of time-ordered item rows (oldest first, each item once).
+
+        Serving calls it with a user's stored sequence followed by their live events.
+        """
+        return self.weigh_history(rows_as_ranks(rows, self.n_items))
+
 
 def item_columns(history: sp.spmatrix | sp.sparray, n_items: int) -> sp.csr_matrix:
     """A float32 copy of ``history`` with exactly ``n_items`` columns, values kept.
@@ -95,3 +110,47 @@ def binary_history(history: sp.spmatrix | sp.sparray, n_items: int) -> sp.csr_ma
     h = item_columns(history, n_items)
     h.data[:] = 1.0
     return h
+
+
+def sequence_ranks(interactions: Any, n_users: int, n_items: int) -> sp.csr_matrix:
+    """User × item CSR whose values are each item's rank from the user's latest, plus one.
+
+    Per user, interactions are ordered by (timestamp, item index) as in the evaluation protocol;
+    the latest gets 1, the one before it 2, and so on. Repeats of a (user, item) pair count
+    once, at their first event.
+
+    Args:
+        interactions: columns ``user_idx``, ``item_idx`` and ``timestamp`` (an Arrow table, a
+            dict of arrays or a DataFrame), e.g. ``DatasetVersion.read_table("train", "valid")``.
+        n_users: rows of the result.
+        n_items: columns of the result.
+    """
+    users = np.asarray(interactions["user_idx"], dtype=np.int64)
+    items = np.asarray(interactions["item_idx"], dtype=np.int64)
+    stamps = np.asarray(interactions["timestamp"], dtype=np.int64)
+    order = np.lexsort((items, stamps, users))
+    users, items = users[order], items[order]
+    # The first event of a (user, item) pair is the one that counts.
+    _, first = np.unique(users * n_items + items, return_index=True)
+    keep = np.zeros(len(users), dtype=bool)
+    keep[first] = True
+    users, items = users[keep], items[keep]
+    counts = np.bincount(users, minlength=n_users)
+    ranks = np.cumsum(counts)[users] - np.arange(len(users))  # 1 = the user's latest
+    m = sp.csr_matrix(
+        (ranks.astype(np.float32), (users, items)), shape=(n_users, n_items), dtype=np.float32
+    )
+    m.sort_indices()
+    return m
+
+
+def rows_as_ranks(rows: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """CSR of time-ordered item rows (oldest first) with rank from the latest + 1 as values."""
+    lens = np.array([len(r) for r in rows], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    indices = np.concatenate(rows).astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+    row_of = np.repeat(np.arange(len(rows)), lens)
+    ranks = (indptr[1:][row_of] - np.arange(len(indices))).astype(np.float32)
+    m = sp.csr_matrix((ranks, indices, indptr), shape=(len(rows), n_items))
+    m.sort_indices()
+    return m

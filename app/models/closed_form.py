@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from app.models.base import Recommender, binary_history, item_columns
+from app.models.base import Recommender, binary_history, item_columns, sequence_ranks
 
 
 class Popularity(Recommender):
@@ -106,27 +106,19 @@ def recency_weighted(
         n_items: columns of the result.
         tau: decay length in interactions.
     """
-    users = np.asarray(interactions["user_idx"], dtype=np.int64)
-    items = np.asarray(interactions["item_idx"], dtype=np.int64)
-    stamps = np.asarray(interactions["timestamp"], dtype=np.int64)
-    order = np.lexsort((items, stamps, users))
-    users, items = users[order], items[order]
-    # The first event of a (user, item) pair is the one that counts.
-    keys = users * n_items + items
-    _, first = np.unique(keys, return_index=True)
-    keep = np.zeros(len(keys), dtype=bool)
-    keep[first] = True
-    users, items = users[keep], items[keep]
-    counts = np.bincount(users, minlength=n_users)
-    rank = np.cumsum(counts)[users] - 1 - np.arange(len(users))  # 0 = the user's latest
+    return rank_weights(sequence_ranks(interactions, n_users, n_items), n_items, tau)
+
+
+def rank_weights(ranks: sp.csr_matrix, n_items: int, tau: float | None) -> sp.csr_matrix:
+    """A copy of ``ranks`` (rank from the latest + 1) with ``exp(-(rank - 1) / tau)`` values."""
+    m = item_columns(ranks, n_items)
     if tau is None or tau <= 0:
-        values = np.ones(len(users), dtype=np.float32)
+        m.data[:] = 1.0
     else:
         # Floored above zero: a weight that underflowed would drop the item from the history
         # (and from the exclusion of seen items) once zeros are eliminated.
-        values = np.maximum(np.exp(-rank / float(tau)), 1e-30).astype(np.float32)
-    m = sp.csr_matrix((values, (users, items)), shape=(n_users, n_items), dtype=np.float32)
-    m.sort_indices()
+        m.data = np.maximum(np.exp(-(m.data.astype(np.float64) - 1.0) / float(tau)), 1e-30)
+        m.data = m.data.astype(np.float32)
     return m
 
 
@@ -225,6 +217,10 @@ class EDLAE(Recommender):
     def history_weights(self, interactions: Any) -> sp.csr_matrix:
         """The history this model was tuned for: ``recency_weighted`` with its ``recency_tau``."""
         return recency_weighted(interactions, self.n_users, self.n_items, self.recency_tau)
+
+    def weigh_history(self, ranks: sp.csr_matrix) -> sp.csr_matrix:
+        """Recency weights ``exp(-(rank - 1) / recency_tau)`` (binary for tau 0)."""
+        return rank_weights(ranks, self.n_items, self.recency_tau)
 
     def history(self, dataset: Any, *splits: str) -> sp.csr_matrix:
         """Recency-weighted history of the dataset's splits (see ``history_weights``)."""

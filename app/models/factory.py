@@ -15,9 +15,11 @@ from app.config import ModelArgs
 from app.models.base import Recommender
 from app.models.closed_form import EASE, EDLAE, Popularity
 from app.models.neural import MatrixFactorization, TwoTower
+from app.models.sequential import SequenceAutoencoder
 
 MODELS: dict[str, type[Recommender]] = {
-    m.family: m for m in (Popularity, EASE, EDLAE, MatrixFactorization, TwoTower)
+    m.family: m
+    for m in (Popularity, EASE, EDLAE, MatrixFactorization, TwoTower, SequenceAutoencoder)
 }
 
 
@@ -51,6 +53,18 @@ def build_model(
             zero_diagonal=args.edlae_zero_diagonal,
             recency_tau=args.recency_tau,
             max_items=args.ease_max_items,
+        )
+    if name == "seq_ae":
+        return SequenceAutoencoder(
+            n_users,
+            n_items,
+            embed_dim=args.embed_dim,
+            recency_tau=args.recency_tau,
+            input_dropout=args.history_dropout,
+            window=args.seq_window,
+            cuts_per_user=args.seq_cuts,
+            min_cut=args.seq_min_cut,
+            seed=seed,
         )
     kw: dict[str, Any] = {
         "embed_dim": args.embed_dim,

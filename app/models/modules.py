@@ -18,16 +18,21 @@ import numpy as np
 import torch
 
 
+def ragged_ranges(starts: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``starts[r] .. starts[r] + lens[r] - 1`` for every row, flattened, and each entry's row."""
+    row = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
+    first = torch.cumsum(lens, 0) - lens
+    flat = starts[row] + torch.arange(int(lens.sum()), device=lens.device) - first[row]
+    return flat, row
+
+
 def _ragged_positions(
     indptr: torch.Tensor, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions in a CSR's flat arrays of the entries of ``rows`` (in order), and row lengths."""
     starts = indptr[rows]
     lens = indptr[rows + 1] - starts
-    flat = torch.repeat_interleave(starts - torch.cumsum(lens, 0) + lens, lens) + torch.arange(
-        int(lens.sum()), device=indptr.device
-    )
-    return flat, lens
+    return ragged_ranges(starts, lens)[0], lens
 
 
 class RowAdam(torch.optim.Optimizer):

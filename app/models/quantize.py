@@ -352,6 +352,12 @@ class QuantizedRecommender(Recommender):
     def item_embeddings(self) -> np.ndarray:  # noqa: D102
         return self.table.dequantize()
 
+    def weigh_history(self, ranks: sp.csr_matrix) -> sp.csr_matrix:  # noqa: D102
+        return self.base.weigh_history(ranks)
+
+    def history(self, dataset: Any, *splits: str) -> sp.csr_matrix:  # noqa: D102
+        return self.base.history(dataset, *splits)
+
     def user_embeddings(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:  # noqa: D102
         u = self.base.user_embeddings(users, history)
         assert u is not None

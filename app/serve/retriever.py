@@ -71,7 +71,7 @@ class Query:
     user_idx: int
     """Index in the model's user table, or -1 for users unknown to the model."""
     history: np.ndarray
-    """Known items (stored interactions + live events): the input of fold-in and EASE."""
+    """Known items in time order, oldest first (stored, then live events): the model's input."""
     recent: np.ndarray
     """Items from live events not in the stored history (MF folds them into the user vector)."""
     exclude: np.ndarray
@@ -139,7 +139,7 @@ class LoadedModel:
         """Top-k of every query (one matrix product for the whole batch)."""
         m = self.model
         users = np.array([q.user_idx for q in queries], dtype=np.int64)
-        history = _csr([q.history for q in queries], m.n_items)
+        history = m.sequence_history([q.history for q in queries])  # time-ordered rows
         k = max(q.k for q in queries)
         if not self.embedded:
             scores = np.asarray(m.score(users, history), dtype=np.float32)

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from app.store import Lake
 
 
+def new_in_order(items: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """``items`` not in ``known`` (sorted), each once at its first place, order kept."""
+    _, first = np.unique(items, return_index=True)
+    items = items[np.sort(first)]
+    return items[~np.isin(items, known)]
+
+
 def popular(cat: Catalogue, version: str, excluded: np.ndarray, k: int) -> Candidates:
     """The ``k`` most popular items of the catalogue that are not ``excluded``."""
     head = cat.popular[: k + len(excluded)]
@@ -103,12 +110,16 @@ class Scoring:
         cat = state.catalogue
         user_idx = cat.user_index.get(user_id, -1) if user_id else -1
         stored = cat.known_items(user_idx)
+        # The history in time order (stored sequence, then live events, then the context):
+        # recency-weighted models weigh its latest items most.
+        sequence = cat.sequence(user_idx)
         if not live_items and not context and not exclude:  # the common case: no set algebra
-            recent, history = stored[:0], stored
+            recent, history = stored[:0], sequence
             excluded = stored[:0] if include_seen else stored
         else:
-            recent = np.setdiff1d(cat.to_index(live_items), stored)
-            history = np.union1d(np.union1d(stored, recent), cat.to_index(context))
+            recent = new_in_order(cat.to_index(live_items), stored)
+            later = new_in_order(cat.to_index(context), np.union1d(stored, recent))
+            history = np.concatenate([sequence, recent, later])
             excluded = np.union1d(cat.to_index(exclude), stored[:0] if include_seen else history)
         if not len(history):
             cand = popular(cat, state.version, excluded, self._n_fetch(cat, k))

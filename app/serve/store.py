@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from app.models import sequence_ranks
 from app.store import (
     ITEM_ID,
     ITEM_IDX,
@@ -50,7 +51,7 @@ class Catalogue:
     item_ids: list[str]
     item_index: dict[str, int]
     history: sp.csr_matrix
-    """Binary users x items matrix of every split (items a user already interacted with)."""
+    """Users x items of every split: each item's rank from the user's latest + 1 as values."""
     popular: np.ndarray
     """Item indices by decreasing interaction count (ties: lower index first)."""
     popularity: np.ndarray
@@ -71,6 +72,14 @@ class Catalogue:
             return np.zeros(0, dtype=np.int64)
         h = self.history
         return np.asarray(h.indices[h.indptr[user_idx] : h.indptr[user_idx + 1]], dtype=np.int64)
+
+    def sequence(self, user_idx: int) -> np.ndarray:
+        """A known user's stored items in time order, oldest first."""
+        if user_idx < 0 or user_idx >= self.history.shape[0]:
+            return np.zeros(0, dtype=np.int64)
+        h = self.history
+        lo, hi = h.indptr[user_idx], h.indptr[user_idx + 1]
+        return np.asarray(h.indices[lo:hi][np.argsort(-h.data[lo:hi], kind="stable")], np.int64)
 
     def unknown_items(self, item_ids: list[str]) -> list[str]:
         """The ids of ``item_ids`` that are not in the catalogue."""
@@ -93,9 +102,8 @@ def load_catalogue(lake: Lake, dataset: str, version: str) -> Catalogue:
         items_t.column(ITEM_IDX).to_numpy(), items_t.column(ITEM_ID).to_pylist(), strict=True
     ):
         item_ids[int(idx)] = str(iid)
-    history = ds.csr("train", "valid", "test").tocsr()
-    history.sort_indices()
-    counts = np.asarray(history.sum(axis=0), dtype=np.float32).ravel()
+    history = sequence_ranks(ds.read_table("train", "valid", "test"), ds.n_users, ds.n_items)
+    counts = np.bincount(history.indices, minlength=ds.n_items).astype(np.float32)
     popular = np.lexsort((np.arange(len(counts)), -counts)).astype(np.int64)
     return Catalogue(
         dataset=ds.name,

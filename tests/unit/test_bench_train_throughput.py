@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,21 @@ def test_allreduce_probe_times_the_sparse_sync_and_the_dense_one() -> None:
     out = tt.allreduce_probe(gradient, 1_000, steps=2)
     assert out["floats_per_step"] == 132 and out["dense_floats"] == 1_000
     assert out["ms_per_step"] > 0 and out["dense_ms_per_step"] > 0
+
+
+def test_another_familys_run_lands_beside_mf_and_survives_mf_reruns(tmp_path):
+    out = tmp_path / "tt.json"
+
+    def run(name: str, rate: int) -> dict:
+        return {"workload": {"model": {"name": name}}, "summary": {"interactions_per_s": rate}}
+
+    out.write_text(json.dumps(tt.merged(run("mf", 10), out)))
+    out.write_text(json.dumps(tt.merged(run("seq_ae", 3), out)))
+    file = json.loads(out.read_text())
+    assert file["summary"]["interactions_per_s"] == 10  # MF's, at the top
+    assert file["summary"]["seq_ae"] == {"interactions_per_s": 3}
+    assert file["by_model"]["seq_ae"]["workload"]["model"]["name"] == "seq_ae"
+    again = tt.merged(run("mf", 11), out)  # a later MF run keeps the sequence model's
+    assert again["summary"]["interactions_per_s"] == 11
+    assert again["summary"]["seq_ae"] == {"interactions_per_s": 3}
+    assert "seq_ae" in again["by_model"]

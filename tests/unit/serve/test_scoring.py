@@ -13,7 +13,7 @@ from app.config import ModelArgs
 from app.models import build_model
 from app.serve import Query, ServeAppArgs
 from app.serve.retriever import LoadedModel
-from app.serve.scoring import Scoring, popular
+from app.serve.scoring import Scoring, new_in_order, popular
 from app.serve.store import Catalogues
 from app.store import ModelRecord
 
@@ -131,3 +131,30 @@ def test_loaded_model_excludes_and_folds_in(family: str) -> None:
     assert np.all(np.diff(a.scores) <= 0)
     sim = loaded.similar(0, 3)
     assert 0 not in sim.items.tolist() and len(sim.items) == 3
+
+
+def test_new_in_order_keeps_first_places_and_drops_known_items() -> None:
+    items = np.array([7, 3, 7, 5, 1, 3])
+    assert new_in_order(items, np.array([1, 2])).tolist() == [7, 3, 5]
+    assert new_in_order(items[:0], np.array([1])).tolist() == []
+
+
+@pytest.mark.parametrize("family", ["edlae", "seq_ae"])
+def test_recency_models_score_the_history_in_time_order(family: str) -> None:
+    # The same items in two orders: a recency-weighted model must answer them differently,
+    # exactly as it scores the ranked history offline.
+    model = build_model(
+        ModelArgs(name=family, embed_dim=4, edlae_lambda=1.0, recency_tau=1.0), 30, 12, seed=0
+    )
+    if family == "edlae":
+        rng = np.random.default_rng(0)
+        model.fit(sp.csr_matrix((rng.random((30, 12)) < 0.3).astype(np.float32)))
+    loaded = LoadedModel(model, ModelRecord("tiny", "v1", "", {}))
+    forward, backward = np.array([0, 1, 2, 3]), np.array([3, 2, 1, 0])
+    queries = [Query("v1", -1, h, h[:0], h, 12) for h in (forward, backward)]
+    a, b = loaded.score(queries)
+    assert a.items.tolist() != b.items.tolist() or not np.allclose(a.scores, b.scores)
+    ranked = sp.csr_matrix(np.array([[4, 3, 2, 1] + [0] * 8], dtype=np.float32))  # 3 latest
+    offline = model.score(np.array([-1]), model.weigh_history(ranked))[0]
+    order = [i for i in np.argsort(-offline, kind="stable") if i not in forward][: len(a.items)]
+    assert a.items.tolist() == order
