@@ -30,7 +30,8 @@ sparse gradients), and Ray Data's ``iter_torch_batches`` alone (skip the last tw
 ``--no-probes``).
 
 ``--quality`` adds time to quality on ml-latest-small: validation NDCG@10 after every epoch of
-ScaleRec MF (``app.train.fit``, settings of ``--quality-config``) and after every iteration of
+the measured family (``app.train.fit``; MF with ``bench.quality.MF_SETTINGS``, others with the
+settings of ``--quality-config``) and after every iteration of
 implicit ALS (``ALS_PARAMS``), and the training seconds each needs to reach
 ``--quality-fraction`` (default 1: all) of ALS's best.
 """
@@ -58,6 +59,7 @@ from app.config import AppConfig, ClusterArgs, load_config
 from app.models import GradientSync, TorchRecommender, build_model, run_epoch
 from app.store import ITEM_IDX, USER_IDX, DatasetVersion, Lake
 from app.train import VALID_METRIC, fit, fit_splits, shuffle_buffer_rows, with_train
+from bench.quality import MF_SETTINGS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 DEFAULT_INTERACTIONS = 5_000_000
@@ -424,14 +426,18 @@ def allreduce_probe(
 # --- time to quality (optional) -------------------------------------------------------------
 
 
-def quality_config(args: argparse.Namespace) -> AppConfig:
-    """The ml-latest-small job config, MF, evaluated every epoch, train split only."""
+def quality_config(args: argparse.Namespace, family: str = "mf") -> AppConfig:
+    """The ml-latest-small job config for ``family``, evaluated every epoch, train split only.
+
+    MF takes ``bench.quality.MF_SETTINGS``; other families the config's own model section.
+    """
     return load_config(
         args.quality_config,
         [
             f"lake={args.quality_lake}",
             f"data.path={args.quality_data}",
-            "model.name=mf",
+            f"model.name={family}",
+            *(MF_SETTINGS if family == "mf" else ()),
             "train.refit=false",
             "train.eval_every=1",
             f"train.epochs={args.quality_epochs}",
@@ -442,7 +448,7 @@ def quality_config(args: argparse.Namespace) -> AppConfig:
 
 def mf_curve(cfg: AppConfig, ds: DatasetVersion, runs: Path) -> dict[str, Any]:
     """Validation NDCG@10 after each epoch of ``app.train.fit`` and the training seconds so far."""
-    outcome, wall = timed_fit(cfg, ds, runs, "quality-mf")
+    outcome, wall = timed_fit(cfg, ds, runs, f"quality-{cfg.model.name}")
     curve, train_s = [], 0.0
     for h in outcome.history:
         train_s += h["epoch_s"]
@@ -450,7 +456,7 @@ def mf_curve(cfg: AppConfig, ds: DatasetVersion, runs: Path) -> dict[str, Any]:
             {"step": h["epoch"], "train_s": round(train_s, 3), VALID_METRIC: h[VALID_METRIC]}
         )
     return {
-        "model": "ScaleRec MF (app.train.fit, Ray Train)",
+        "model": f"ScaleRec {cfg.model.name} (app.train.fit, Ray Train)",
         "params": {
             **cfg.model.model_dump(
                 include={
@@ -461,6 +467,9 @@ def mf_curve(cfg: AppConfig, ds: DatasetVersion, runs: Path) -> dict[str, Any]:
                     "l2",
                     "use_bias",
                     "normalize",
+                    "history_dropout",
+                    "recency_tau",
+                    "seq_window",
                 }
             ),
             **cfg.train.model_dump(include={"num_workers", "batch_size", "lr", "epochs"}),
@@ -514,8 +523,13 @@ def time_to_target(curve: list[dict[str, Any]], target: float) -> dict[str, Any]
     return None
 
 
-def summarise_quality(mf: dict[str, Any], als: dict[str, Any], fraction: float) -> dict[str, Any]:
-    """Best NDCG of each model and the training seconds each needs to reach the target."""
+def summarise_quality(
+    mf: dict[str, Any], als: dict[str, Any], fraction: float, family: str = "mf"
+) -> dict[str, Any]:
+    """Best NDCG of each model and the training seconds each needs to reach the target.
+
+    ``mf`` is the curve of the ScaleRec model of ``family`` (keys ``scalerec_<family>``).
+    """
     target = fraction * max(p[VALID_METRIC] for p in als["curve"])
     out: dict[str, Any] = {
         "target": {
@@ -523,16 +537,18 @@ def summarise_quality(mf: dict[str, Any], als: dict[str, Any], fraction: float) 
             "definition": f"{fraction} x implicit ALS's best validation NDCG@{K}",
         }
     }
-    for key, run in (("scalerec_mf", mf), ("implicit_als", als)):
+    for key, run in ((f"scalerec_{family}", mf), ("implicit_als", als)):
         best = max(run["curve"], key=lambda p: p[VALID_METRIC])
         out[key] = {
             f"best_{VALID_METRIC}": round(best[VALID_METRIC], 5),
             f"best_at_{run['unit']}": best["step"],
             "reached_target": time_to_target(run["curve"], target),
         }
-    mf_hit, als_hit = out["scalerec_mf"]["reached_target"], out["implicit_als"]["reached_target"]
+    mf_hit = out[f"scalerec_{family}"]["reached_target"]
+    als_hit = out["implicit_als"]["reached_target"]
     if mf_hit and als_hit:
-        out["time_to_target_ratio_mf_over_als"] = round(mf_hit["train_s"] / als_hit["train_s"], 2)
+        ratio = round(mf_hit["train_s"] / als_hit["train_s"], 2)
+        out[f"time_to_target_ratio_{family}_over_als"] = ratio
     return out
 
 
@@ -670,7 +686,7 @@ def table(result: dict[str, Any]) -> str:
     if quality:
         s = quality["summary"]
         lines.append(f"\ntime to quality (target {s['target'][VALID_METRIC]} {VALID_METRIC}):")
-        for key in ("scalerec_mf", "implicit_als"):
+        for key in (*(k for k in s if k.startswith("scalerec_")), "implicit_als"):
             hit = s[key]["reached_target"]
             reached = f"{hit['train_s']:.1f} s (step {hit['step']})" if hit else "not reached"
             lines.append(
@@ -757,17 +773,18 @@ def measure(
         if args.probes:
             probes["ray_data_iter_torch_batches"] = ray_data_probe(cfg, ds)
         if args.quality:
-            qcfg = quality_config(args)
+            qcfg = quality_config(args, cfg.model.name)
             qds = ingest(qcfg)[0]
             quality["dataset"] = {"name": "ml-latest-small", "version": qds.version}
-            quality["scalerec_mf"] = mf_curve(qcfg, qds, runs)
+            quality[f"scalerec_{cfg.model.name}"] = mf_curve(qcfg, qds, runs)
     if args.probes:
         plain = next(v for v in variants if v["variant"] == PLAIN_1T)
         probes["gloo_allreduce_2_ranks"] = allreduce_probe(plain["gradient"], plain["parameters"])
     if qds is not None:
         quality["implicit_als"] = als_curve(qds, args.als_iterations, args.cpus)
+        family = cfg.model.name
         quality["summary"] = summarise_quality(
-            quality["scalerec_mf"], quality["implicit_als"], args.quality_fraction
+            quality[f"scalerec_{family}"], quality["implicit_als"], args.quality_fraction, family
         )
     return ds, variants, probes, quality
 

@@ -6,8 +6,8 @@ import pytest
 
 from app.config import AppConfig, DataArgs, ModelArgs, TrainArgs
 from app.evaluate import evaluate
-from app.models import MatrixFactorization, Popularity
-from app.store import aliases, list_versions
+from app.models import MatrixFactorization, Popularity, SequenceAutoencoder
+from app.store import Lake, aliases, list_versions
 from app.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, VALID_METRIC, TrainOutcome, fit, run
 
 
@@ -111,3 +111,20 @@ def test_resume_after_worker_failure(two_workers, tiny_dataset, tmp_path, monkey
     # unbroken one does (up to the run-to-run noise of Ray Data's block order).
     resumed, unbroken = outcome.last_metrics[VALID_METRIC], two_workers.last_metrics[VALID_METRIC]
     assert resumed == pytest.approx(unbroken, rel=0.05)
+
+
+def test_sequence_autoencoder_trains_on_ray_train_from_time_ranked_history(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    model = ModelArgs(name="seq_ae", embed_dim=32, history_dropout=0.2, seq_cuts=8.0)
+    train = TrainArgs(num_workers=1, cpus_per_worker=0.5, epochs=15, batch_size=128, lr=0.01)
+    outcome = fit(tiny_dataset, model, train, runs=Lake(str(tmp_path / "runs")))
+    assert isinstance(outcome.model, SequenceAutoencoder)
+    assert outcome.best_metrics[VALID_METRIC] > _popularity_valid(tiny_dataset) + 0.1
+    # The reported metric is the model scored on its own (time-ranked) history.
+    history = outcome.model.history(tiny_dataset, "train")
+    assert history.data.max() > 1  # ranks, not a binary matrix
+    again = evaluate(
+        lambda u: outcome.model.score(u, history[u]), history, tiny_dataset.csr("valid")
+    )["ndcg@10"]
+    assert again == pytest.approx(outcome.last_metrics[VALID_METRIC], abs=1e-9)
