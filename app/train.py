@@ -130,6 +130,9 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray starts workers at nice 15, below its own daemons and the driver: a worker group
+            # that is the cluster's main job runs at normal priority, as a plain loop would.
+            worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
         ),
         datasets={"train": train_ds},
     )

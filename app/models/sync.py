@@ -3,7 +3,9 @@
 ``GradientSync`` replaces DistributedDataParallel on CPU (gloo) for the embedding models: after
 each backward it averages the dense gradients in one flat all-reduce and gathers the rows each
 rank's sparse tables touched (one small all-reduce of row counts, then one all-gather of every
-table's rows, indices and values packed in one float32 buffer). DDP's own sparse path on gloo
+table's rows, indices and values packed in one float32 buffer). A table whose gathered rows
+would come near its own size joins the dense all-reduce instead, with a touched-row mask, and
+still leaves a sparse gradient over the rows the group touched. DDP's own sparse path on gloo
 crashed two-worker runs with heap corruption; gathering the touched rows explicitly costs what
 the batch touched, as the sparse path should, and keeps every collective a dense tensor.
 """
@@ -33,8 +35,10 @@ class GradientSync:
     is None on a rank counts as zero there, so ranks whose batches skip a table stay in step.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, dense_fraction: float = 0.5) -> None:
         self.world = dist.get_world_size()
+        # A sparse table is summed densely once the group's gathered rows reach this share of it.
+        self.dense_fraction = dense_fraction
         sparse_ids = sparse_parameters(module)
         params = [p for p in module.parameters() if p.requires_grad]
         self.dense = [p for p in params if id(p) not in sparse_ids]
@@ -51,15 +55,60 @@ class GradientSync:
         """Replace every gradient by its mean over the group (sparse ones stay sparse)."""
         if self.world == 1:
             return
-        self._dense()
-        if self.sparse:
-            self._sparse()
+        rows = [self._rows(p) for p in self.sparse]
+        per_rank = self._row_counts(rows)
+        caps = per_rank.max(0).values.tolist()
+        # An all-reduce moves the table once, an all-gather moves every rank's rows to every
+        # rank: past a share of the table, the dense sum is the cheaper collective.
+        dense_rows = [
+            self.world * cap >= self.dense_fraction * len(p)
+            for p, cap in zip(self.sparse, caps, strict=True)
+        ]
+        self._all_reduce(
+            [r for r, d in zip(rows, dense_rows, strict=True) if d],
+            [p for p, d in zip(self.sparse, dense_rows, strict=True) if d],
+        )
+        gathered = [t for t, d in enumerate(dense_rows) if not d]
+        if gathered:
+            self._all_gather(rows, per_rank, caps, gathered)
 
-    def _dense(self) -> None:
-        if not self.dense:
+    @staticmethod
+    def _rows(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sparse table's touched row indices and their gradient rows (none if no grad)."""
+        if p.grad is None:
+            return torch.empty(0, dtype=torch.int64), p.new_empty((0, *p.shape[1:]))
+        g = p.grad.coalesce()
+        return g.indices()[0], g.values()
+
+    def _row_counts(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``[rank, table]`` touched-row counts, through an all-reduce of one slot per rank.
+
+        Gloo's small all-gather is several times slower.
+        """
+        per_rank = torch.zeros((self.world, len(rows)), dtype=torch.int64)
+        if rows:
+            per_rank[dist.get_rank()] = torch.tensor([len(ix) for ix, _ in rows])
+            dist.all_reduce(per_rank)
+        return per_rank
+
+    def _all_reduce(
+        self, rows: list[tuple[torch.Tensor, torch.Tensor]], tables: list[torch.Tensor]
+    ) -> None:
+        """One flat all-reduce of the dense gradients and of ``tables`` summed densely.
+
+        Each table carries a touched-row mask so that its gradient stays sparse over the union
+        of rows the group touched: the optimiser then steps the same rows as after a gather.
+        """
+        if not self.dense and not tables:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.dense]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        parts = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.dense]
+        flat_parts = [g.reshape(-1) for g in parts]
+        for (ix, vals), p in zip(rows, tables, strict=True):
+            table = p.new_zeros((len(p), math.prod(p.shape[1:]) + 1))
+            table[ix, :-1] = vals.reshape(len(ix), -1)
+            table[ix, -1] = 1.0
+            flat_parts.append(table.view(-1))
+        flat = torch.cat(flat_parts) if len(flat_parts) > 1 else flat_parts[0]
         dist.all_reduce(flat)
         flat.div_(self.world)
         offset = 0
@@ -67,28 +116,32 @@ class GradientSync:
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p)
             offset += n
+        for p in tables:
+            width = math.prod(p.shape[1:]) + 1
+            table = flat[offset : offset + len(p) * width].view(len(p), width)
+            offset += len(p) * width
+            ix = table[:, -1].nonzero().view(-1)
+            values = table[ix, :-1].reshape(len(ix), *p.shape[1:])
+            p.grad = torch.sparse_coo_tensor(
+                ix[None], values, p.shape, check_invariants=False, is_coalesced=True
+            )
 
-    def _sparse(self) -> None:
-        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for p in self.sparse:
-            g = p.grad
-            if g is None:
-                rows.append((torch.empty(0, dtype=torch.int64), p.new_empty((0, *p.shape[1:]))))
-                continue
-            g = g.coalesce()
-            rows.append((g.indices()[0], g.values()))
-        rank = dist.get_rank()
-        # Row counts through an all-reduce of one slot per rank: gloo's small all-gather is
-        # several times slower.
-        per_rank = torch.zeros((self.world, len(rows)), dtype=torch.int64)
-        per_rank[rank] = torch.tensor([len(ix) for ix, _ in rows], dtype=torch.int64)
-        dist.all_reduce(per_rank)
-        caps = per_rank.max(0).values.tolist()
-        widths = [math.prod(p.shape[1:]) + 2 for p in self.sparse]
-        # Every table's rows in one buffer, one all-gather: an int64 index is two float32 words.
-        packed = torch.zeros(sum(c * w for c, w in zip(caps, widths, strict=True)))
+    def _all_gather(
+        self,
+        rows: list[tuple[torch.Tensor, torch.Tensor]],
+        per_rank: torch.Tensor,
+        caps: list[int],
+        tables: list[int],
+    ) -> None:
+        """Every rank's rows of the ``tables`` (positions in ``self.sparse``) in one all-gather.
+
+        One buffer holds them all: an int64 index is two float32 words.
+        """
+        widths = {t: math.prod(self.sparse[t].shape[1:]) + 2 for t in tables}
+        packed = torch.zeros(sum(caps[t] * widths[t] for t in tables))
         offset = 0
-        for (ix, vals), cap, width in zip(rows, caps, widths, strict=True):
+        for t in tables:
+            (ix, vals), cap, width = rows[t], caps[t], widths[t]
             block = packed[offset : offset + cap * width].view(cap, width)
             block[: len(ix), :2] = ix.contiguous().view(torch.float32).view(-1, 2)
             block[: len(ix), 2:] = vals.reshape(len(ix), width - 2)
@@ -96,7 +149,8 @@ class GradientSync:
         gathered = [torch.empty_like(packed) for _ in range(self.world)]
         dist.all_gather(gathered, packed)
         offset = 0
-        for t, (p, cap, width) in enumerate(zip(self.sparse, caps, widths, strict=True)):
+        for t in tables:
+            p, cap, width = self.sparse[t], caps[t], widths[t]
             parts = [
                 g[offset : offset + cap * width].view(cap, width)[: int(per_rank[r, t])]
                 for r, g in enumerate(gathered)

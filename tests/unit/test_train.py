@@ -120,6 +120,10 @@ def test_sequence_autoencoder_trains_on_ray_train_from_time_ranked_history(
     train = TrainArgs(num_workers=1, cpus_per_worker=0.5, epochs=15, batch_size=128, lr=0.01)
     outcome = fit(tiny_dataset, model, train, runs=Lake(str(tmp_path / "runs")))
     assert isinstance(outcome.model, SequenceAutoencoder)
+    # Workers run at normal priority, and the shard read is timed apart from epoch 1's steps.
+    assert {h["worker_nice"] for h in outcome.history} == {0}
+    assert outcome.history[0]["shard_load_s"] >= 0
+    assert all("shard_load_s" not in h for h in outcome.history[1:])
     assert outcome.best_metrics[VALID_METRIC] > _popularity_valid(tiny_dataset) + 0.1
     # The reported metric is the model scored on its own (time-ranked) history.
     history = outcome.model.history(tiny_dataset, "train")

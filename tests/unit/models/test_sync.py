@@ -36,13 +36,13 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [*out, (users, torch.randint(N_ITEMS, (16,), generator=gen))]
 
 
-def _rank(rank: int, port: int, num_negatives: int, queue) -> None:
+def _rank(rank: int, port: int, num_negatives: int, dense_fraction: float, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = _model(num_negatives, seed=rank)  # different inits: the sync starts them equal
-    sync = GradientSync(model.module)
+    sync = GradientSync(model.module, dense_fraction=dense_fraction)
     opt = model.optimizer(0.05)
     torch.manual_seed(rank)
     halves = [(u[8 * rank : 8 * rank + 8], i[8 * rank : 8 * rank + 8]) for u, i in _batches()]
@@ -51,13 +51,16 @@ def _rank(rank: int, port: int, num_negatives: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def _run_ranks(num_negatives: int) -> dict[int, dict[str, np.ndarray]]:
+def _run_ranks(num_negatives: int, dense_fraction: float = 0.5) -> dict[int, dict[str, np.ndarray]]:
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, port, num_negatives, queue)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, num_negatives, dense_fraction, queue))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -96,3 +99,13 @@ def test_sparse_parameters_are_the_sparse_tables():
     ids = sparse_parameters(module)
     assert id(module.user_emb.weight) in ids and id(module.item_emb.weight) in ids
     assert id(module.bias) not in ids
+
+
+def test_dense_sum_and_row_gather_step_the_same_rows():
+    # 0 sums every sparse table densely, inf gathers every table's rows: with sampled
+    # negatives (uneven rows per rank) both must leave the same weights, including rows no
+    # rank touched (a dense sum must not turn them into zero-gradient Adam steps).
+    dense, gathered = _run_ranks(5, dense_fraction=0.0), _run_ranks(5, dense_fraction=np.inf)
+    for key in dense[0]:
+        np.testing.assert_array_equal(dense[0][key], dense[1][key])
+        np.testing.assert_allclose(dense[0][key], gathered[0][key], atol=1e-6)
