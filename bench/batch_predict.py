@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bench.ingest import _MemorySampler
+from bench.ingest import MemorySampler
 
 RESULTS = Path(__file__).parent / "results" / "batch_predict.json"
 PER_USER = {"train": 3, "valid": 1, "test": 1}
@@ -165,7 +165,7 @@ def _run_single(lake_dir: Path, out_dir: Path, batch: int, chunk: int) -> dict[s
         text=True,
         env=env,
     )
-    sampler = _MemorySampler(proc.pid)
+    sampler = MemorySampler(proc.pid)
     sampler.start()
     stdout, _ = proc.communicate()
     sampler.stop()
@@ -189,7 +189,7 @@ def _run_single(lake_dir: Path, out_dir: Path, batch: int, chunk: int) -> dict[s
 
 
 def _idle_pss_mb() -> float:
-    sampler = _MemorySampler(os.getpid())
+    sampler = MemorySampler(os.getpid())
     sampler.start()
     time.sleep(2.0)  # a few PSS samples of the idle cluster
     sampler.stop()
@@ -202,7 +202,7 @@ def _run_ray(lake: Any, args: argparse.Namespace, batch: int, chunk: int) -> dic
     # A published folder is returned as is: remove it so every run predicts.
     shutil.rmtree(lake.path("predictions"), ignore_errors=True)
     load_before = os.getloadavg()
-    sampler = _MemorySampler(os.getpid())
+    sampler = MemorySampler(os.getpid())
     sampler.start()
     t0 = time.perf_counter()
     path = predict.run(

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.serve import N_ITEMS, _free_port, _start_ray, _wait, config_run, make_lake
+from bench.serve import N_ITEMS, config_run, free_port, make_lake, start_ray, wait_ready
 
 RESULTS = Path(__file__).parent / "results" / "events.json"
 DATASET = "bench"
@@ -50,7 +50,7 @@ def start_redis(folder: str) -> tuple[str, subprocess.Popen[bytes]]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server not found: apt-get install redis-server")
-    port = _free_port()
+    port = free_port()
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
     cmd += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
@@ -158,11 +158,11 @@ def child_serve(lake: str, backend: dict[str, Any], opts: dict[str, Any]) -> dic
     from app.config import EventsArgs
     from app.serve.deploy import start
 
-    _start_ray()
+    start_ray()
     run_cfg = config_run(lake, events=backend)
     run_cfg.deployments["Ingress"]["num_replicas"] = 2
     url = start(run_cfg)
-    _wait(f"{url}/healthz")
+    wait_ready(f"{url}/healthz")
     load = asyncio.run(
         post_load(url, opts["concurrency"], opts["duration"], opts["batch"], opts["users"])
     )
@@ -197,7 +197,7 @@ def baseline_app() -> Any:
 
 
 def child_baseline(lake: str, backend: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SCALEREC_BENCH_LAKE": lake, "SCALEREC_BENCH_EVENTS": json.dumps(backend)}
     cmd = [sys.executable, "-m", "uvicorn", "bench.events:baseline_app", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
@@ -206,7 +206,7 @@ def child_baseline(lake: str, backend: dict[str, Any], opts: dict[str, Any]) -> 
         url = f"http://127.0.0.1:{port}"
         for _ in range(120):
             try:
-                _wait(f"{url}/docs", timeout_s=1)
+                wait_ready(f"{url}/docs", timeout_s=1)
                 break
             except TimeoutError:
                 pass

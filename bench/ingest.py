@@ -137,7 +137,7 @@ def _process_kind(pid: int, driver: int) -> str:
     return "ray_workers" if cmd.startswith(b"ray::") else "ray_system"
 
 
-class _MemorySampler(threading.Thread):
+class MemorySampler(threading.Thread):
     """Samples the summed memory of a process and all its descendants until stopped.
 
     Every tick (0.2 s): RSS from ``/proc/<pid>/status`` (shared pages counted once per process,
@@ -248,7 +248,7 @@ def _object_store_reader() -> Any:
 
 
 def _idle_pss_mb(root: int) -> float:
-    sampler = _MemorySampler(root)
+    sampler = MemorySampler(root)
     sampler._sample_pss(sampler._pids())
     return round(sampler.peak_pss / _MB, 1)
 
@@ -635,7 +635,7 @@ def _run_single(name: str, data_dir: Path, fmt: str, out: Path, cpus: int) -> di
     env = {**os.environ, "POLARS_MAX_THREADS": str(cpus)}
     t0 = time.perf_counter()
     proc = subprocess.Popen([*cmd, "--cpus", str(cpus)], stdout=subprocess.PIPE, text=True, env=env)
-    sampler = _MemorySampler(proc.pid)
+    sampler = MemorySampler(proc.pid)
     sampler.start()
     stdout, _ = proc.communicate()
     wall = time.perf_counter() - t0
@@ -723,7 +723,7 @@ def _run_ray(data_dir: Path, fmt: str, lake: Path, store_reader: Any) -> dict[st
         glob=f"interactions-*{_EXT[fmt]}",  # not the generator's items.csv
         columns=SYNTHETIC_COLUMNS,
     )
-    sampler = _MemorySampler(os.getpid(), store_reader)
+    sampler = MemorySampler(os.getpid(), store_reader)
     sampler.start()
     t0 = time.perf_counter()
     profile = IngestProfile()

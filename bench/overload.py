@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.serve import N_USERS, K, _start_ray, _wait, config_run, make_lake
+from bench.serve import N_USERS, K, config_run, make_lake, start_ray, wait_ready
 
 P99_RATIO_TARGET = 2.0
 
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="scalerec-bench-overload-")
     try:
         lake = make_lake(os.path.join(tmp, "lake"))
-        _start_ray()
+        start_ray()
         run_cfg = config_run(lake)
         url = start(run_cfg)
-        _wait(f"{url}/recommend/u0")
+        wait_ready(f"{url}/recommend/u0")
         timeout_s = float(run_cfg.http_options.get("request_timeout_s") or 10.0)
         rng = np.random.default_rng(1)
         urls = os.path.join(tmp, "urls.txt")

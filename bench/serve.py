@@ -80,13 +80,15 @@ def _ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(n)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _wait(url: str, timeout_s: float = 240.0) -> None:
+def wait_ready(url: str, timeout_s: float = 240.0) -> None:
+    """Poll ``url`` until it answers 200, or fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -123,7 +125,8 @@ def _load(url: str, mix: str, concurrency: int, duration: float) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 
 
-def _start_ray() -> None:
+def start_ray() -> None:
+    """An embedded Ray cluster for the serving benchmarks, retried on a slow start."""
     import ray
 
     for attempt in range(3):  # a busy shared machine sometimes misses Ray's startup deadline
@@ -143,8 +146,8 @@ def child_serve(lake: str, variant: dict[str, Any], concurrency: int, duration: 
 
     from app.serve import ServeAppArgs, build_application
 
-    _start_ray()
-    port = _free_port()
+    start_ray()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeAppArgs.model_validate(
         {"lake": lake, "name": NAME, "model": "production", "cache_size": 0, **NO_KEYS}
@@ -158,7 +161,7 @@ def child_serve(lake: str, variant: dict[str, Any], concurrency: int, duration: 
     }
     serve.run(build_application(args, deployments), name="bench", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    _wait(f"{url}/recommend/u0")
+    wait_ready(f"{url}/recommend/u0")
     result = _load(url, variant["mix"], concurrency, duration)
     serve.shutdown()
     ray.shutdown()
@@ -170,7 +173,7 @@ def config_run(lake: str, **values: Any) -> Any:
     from app.serve import load_serve_config
 
     base = {"lake": lake, "name": NAME, "model": "production", "cache_size": 0, **NO_KEYS}
-    return load_serve_config(LOCAL_YAML, values={**base, "port": _free_port(), **values})
+    return load_serve_config(LOCAL_YAML, values={**base, "port": free_port(), **values})
 
 
 def child_config(lake: str, mix: str, concurrency: int, duration: float) -> dict:
@@ -180,9 +183,9 @@ def child_config(lake: str, mix: str, concurrency: int, duration: float) -> dict
 
     from app.serve.deploy import start
 
-    _start_ray()
+    start_ray()
     url = start(config_run(lake))
-    _wait(f"{url}/recommend/u0")
+    wait_ready(f"{url}/recommend/u0")
     result = _load(url, mix, concurrency, duration)
     serve.shutdown()
     ray.shutdown()
@@ -236,14 +239,14 @@ def baseline_app() -> Any:
 
 
 def child_fastapi(lake: str, mix: str, concurrency: int, duration: float) -> dict:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SCALEREC_BENCH_LAKE": lake, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "uvicorn", "bench.serve:baseline_app", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait(f"{url}/recommend/u0")
+        wait_ready(f"{url}/recommend/u0")
         return _load(url, mix, concurrency, duration)
     finally:
         proc.terminate()

@@ -7,21 +7,15 @@ The stored notebooks are kept clean (no outputs) by tests/unit/test_notebooks_cl
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+from serving import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL = "python3"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _kernel_setup(jupyter_dir: Path, ipython_dir: Path) -> None:
@@ -57,7 +51,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("SCALEREC_NOTEBOOK_LAKE", str(tmp_path / "lake"))
-    monkeypatch.setenv("SCALEREC_NOTEBOOK_PORT", str(_free_port()))
+    monkeypatch.setenv("SCALEREC_NOTEBOOK_PORT", str(free_port()))
     monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The notebook starts its own embedded cluster, never joins one named by the environment.
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
