@@ -346,10 +346,10 @@ def _free_port() -> int:
 def _allreduce_rank(rank: int, port: int, plan: dict[str, Any], steps: int, queue: Any) -> None:
     """One of 2 gloo ranks: time ``steps`` per-step syncs of ``plan`` and of its dense version.
 
-    The sync is what the Train workers run (``GradientSync``): one all-reduce of
-    ``dense_floats`` and one all-gather of the touched rows per sparse table (random rows,
-    different on each rank); the dense version is one all-reduce of ``full_floats`` (the whole
-    model's gradient, as dense tables sent it).
+    The sync is what the Train workers run (``GradientSync``): the dense gradient and the
+    touched rows of each sparse table (random rows, different on each rank), gathered or summed
+    densely as ``GradientSync`` chooses; the dense version is one all-reduce of
+    ``full_floats`` (the whole model's gradient, as dense tables sent it).
     """
     import torch.distributed as dist
 
