@@ -57,10 +57,6 @@ WORKER_ENV = {
     # Ray starts workers at nice 15, below its own daemons and the driver: a worker group that
     # is the cluster's main job runs at normal priority, as a plain loop would.
     "RAY_worker_niceness": "0",
-    # glibc hands every freed tensor above its mmap threshold back to the kernel, so each step
-    # page-faults its activations in again; workers keep up to 1 GiB of freed heap instead.
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
 }
 """Environment of every Ray Train worker (``RunConfig.worker_runtime_env``)."""
 

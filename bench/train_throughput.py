@@ -15,7 +15,8 @@ Variants, interleaved per repeat on one Ray cluster (the plain loops run in the 
 - ``plain``: ``app.models.run_epoch`` in this process on ``torch.set_num_threads(cores)``, the
   model of ``build_model`` with the same seed, its optimiser (``TorchRecommender.optimizer``:
   ``RowAdam`` with ``train.lr``), in-memory batches of ``train.batch_size`` reshuffled every
-  epoch. ``plain_1t`` is the same on one thread (what a Ray worker under 1 CPU gets:
+  epoch, on the heap setting every ``run_epoch`` takes (``keep_freed_heap``, as in the Ray
+  workers). ``plain_1t`` is the same on one thread (what a Ray worker under 1 CPU gets:
   ``OMP_NUM_THREADS=1``), the baseline of the targets: ``ray_1w`` >= 0.9x, ``ray_2w`` >= 1.3x.
 - ``ray_1w`` / ``ray_2w``: ``app.train.fit``, the path ``jobs.train`` takes (a TorchTrainer fed
   by Ray Data shards held in memory after one read, gradients averaged by ``GradientSync`` with

@@ -8,7 +8,13 @@ models through this package.
 from app.models.base import Recommender, sequence_ranks
 from app.models.closed_form import EASE, EDLAE, Popularity, recency_weighted
 from app.models.factory import MODELS, build_model, restore_model
-from app.models.neural import MatrixFactorization, TorchRecommender, TwoTower, run_epoch
+from app.models.neural import (
+    MatrixFactorization,
+    TorchRecommender,
+    TwoTower,
+    keep_freed_heap,
+    run_epoch,
+)
 from app.models.quantize import (
     QUANTIZE_MODES,
     CompressError,
@@ -44,6 +50,7 @@ __all__ = [
     "build_model",
     "dequantize_rows",
     "item_matrix",
+    "keep_freed_heap",
     "quantize",
     "quantize_rows",
     "quantized_builder",

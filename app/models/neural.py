@@ -8,6 +8,8 @@ only the rows a batch touches).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +19,32 @@ import torch
 
 from app.models.base import Recommender, binary_history
 from app.models.modules import MFModule, RetrievalModule, RowAdam, TwoTowerModule
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_KEPT = 1 << 30
+_heap_kept: bool | None = None
+
+
+def keep_freed_heap() -> bool:
+    """Keep up to ``HEAP_KEPT`` bytes of freed memory in this process's heap (glibc only).
+
+    A step's logits and their gradients are tens of MB: by default glibc unmaps each such
+    block when it is freed, so every step page-faults its activations in again. ``run_epoch``
+    calls this, so every loop that steps a model (a Ray Train worker, ``TorchRecommender.fit``,
+    a benchmark's plain loop) runs on the same heap. Returns whether glibc took the setting.
+    """
+    global _heap_kept
+    if _heap_kept is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _heap_kept = bool(
+                libc.mallopt(_M_MMAP_THRESHOLD, HEAP_KEPT)
+                and libc.mallopt(_M_TRIM_THRESHOLD, HEAP_KEPT)
+            )
+        except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
+            _heap_kept = False
+    return _heap_kept
 
 
 def run_epoch(
@@ -41,6 +69,7 @@ def run_epoch(
     Returns:
         ``(sum of loss × rows, rows)`` over the batches.
     """
+    keep_freed_heap()
     total: torch.Tensor | None = None
     rows = 0
     for users, items in batches:
