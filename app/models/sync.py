@@ -2,12 +2,15 @@
 
 ``GradientSync`` replaces DistributedDataParallel on CPU (gloo) for the embedding models: after
 each backward it averages the dense gradients in one flat all-reduce and gathers the rows each
-rank's sparse tables touched (one small all-reduce of row counts, then one all-gather of every
-table's rows, indices and values packed in one float32 buffer). A table whose gathered rows
-would come near its own size joins the dense all-reduce instead, with a touched-row mask, and
-still leaves a sparse gradient over the rows the group touched. DDP's own sparse path on gloo
-crashed two-worker runs with heap corruption; gathering the touched rows explicitly costs what
-the batch touched, as the sparse path should, and keeps every collective a dense tensor.
+rank's sparse tables touched in one all-gather of a float32 buffer per rank (its row counts in
+a header, then every table's indices and values, each table padded to a capacity the group
+agrees on). The first step agrees on the capacities through an all-reduce of row counts; a
+later step whose rows outgrow a capacity is seen by every rank in the headers and gathered
+again with a larger one. A table whose gathered rows would come near its own size joins the
+dense all-reduce instead, with a touched-row mask, and still leaves a sparse gradient over the
+rows the group touched. DDP's own sparse path on gloo crashed two-worker runs with heap
+corruption; gathering the touched rows explicitly costs what the batch touched, as the sparse
+path should, and keeps every collective a dense tensor.
 """
 
 from __future__ import annotations
@@ -35,10 +38,17 @@ class GradientSync:
     is None on a rank counts as zero there, so ranks whose batches skip a table stay in step.
     """
 
-    def __init__(self, module: torch.nn.Module, dense_fraction: float = 0.5) -> None:
+    def __init__(
+        self, module: torch.nn.Module, dense_fraction: float = 0.5, headroom: float = 1.125
+    ) -> None:
         self.world = dist.get_world_size()
         # A sparse table is summed densely once the group's gathered rows reach this share of it.
         self.dense_fraction = dense_fraction
+        # Capacity per table = headroom x the most rows a rank last sent: padding costs bytes,
+        # an overflow costs a second all-gather.
+        self.headroom = headroom
+        self.seen: list[int] | None = None  # the most rows any rank touched, per sparse table
+        self.caps: list[int] = []
         sparse_ids = sparse_parameters(module)
         params = [p for p in module.parameters() if p.requires_grad]
         self.dense = [p for p in params if id(p) not in sparse_ids]
@@ -56,13 +66,14 @@ class GradientSync:
         if self.world == 1:
             return
         rows = [self._rows(p) for p in self.sparse]
-        per_rank = self._row_counts(rows)
-        caps = per_rank.max(0).values.tolist()
+        if self.seen is None:
+            self.seen = self._row_counts(rows).max(0).values.tolist()
+            self.caps = [self._capacity(n) for n in self.seen]
         # An all-reduce moves the table once, an all-gather moves every rank's rows to every
         # rank: past a share of the table, the dense sum is the cheaper collective.
         dense_rows = [
-            self.world * cap >= self.dense_fraction * len(p)
-            for p, cap in zip(self.sparse, caps, strict=True)
+            self.world * seen >= self.dense_fraction * len(p)
+            for p, seen in zip(self.sparse, self.seen, strict=True)
         ]
         self._all_reduce(
             [r for r, d in zip(rows, dense_rows, strict=True) if d],
@@ -70,7 +81,10 @@ class GradientSync:
         )
         gathered = [t for t, d in enumerate(dense_rows) if not d]
         if gathered:
-            self._all_gather(rows, per_rank, caps, gathered)
+            self._all_gather(rows, gathered)
+
+    def _capacity(self, rows: int) -> int:
+        return max(1, math.ceil(rows * self.headroom))
 
     @staticmethod
     def _rows(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,33 +140,43 @@ class GradientSync:
                 ix[None], values, p.shape, check_invariants=False, is_coalesced=True
             )
 
-    def _all_gather(
-        self,
-        rows: list[tuple[torch.Tensor, torch.Tensor]],
-        per_rank: torch.Tensor,
-        caps: list[int],
-        tables: list[int],
-    ) -> None:
+    def _all_gather(self, rows: list[tuple[torch.Tensor, torch.Tensor]], tables: list[int]) -> None:
         """Every rank's rows of the ``tables`` (positions in ``self.sparse``) in one all-gather.
 
-        One buffer holds them all: an int64 index is two float32 words.
+        One buffer holds them all: a header of row counts, then each table's rows up to its
+        capacity; an int64 (count or index) is two float32 words. Every rank reads the same
+        headers, so all of them see an overflow and gather again with the grown capacities.
         """
+        assert self.seen is not None
+        head = 2 * len(tables)
         widths = {t: math.prod(self.sparse[t].shape[1:]) + 2 for t in tables}
-        packed = torch.zeros(sum(caps[t] * widths[t] for t in tables))
-        offset = 0
+        caps = {t: self.caps[t] for t in tables}
+        packed = torch.zeros(head + sum(caps[t] * widths[t] for t in tables))
+        packed[:head].view(torch.int64).copy_(torch.tensor([len(rows[t][0]) for t in tables]))
+        offset = head
         for t in tables:
             (ix, vals), cap, width = rows[t], caps[t], widths[t]
+            n = min(len(ix), cap)
             block = packed[offset : offset + cap * width].view(cap, width)
-            block[: len(ix), :2] = ix.contiguous().view(torch.float32).view(-1, 2)
-            block[: len(ix), 2:] = vals.reshape(len(ix), width - 2)
+            block[:n, :2] = ix[:n].contiguous().view(torch.float32).view(-1, 2)
+            block[:n, 2:] = vals[:n].reshape(n, width - 2)
             offset += cap * width
         gathered = [torch.empty_like(packed) for _ in range(self.world)]
         dist.all_gather(gathered, packed)
-        offset = 0
-        for t in tables:
+        counts = torch.stack([g[:head].view(torch.int64) for g in gathered])  # [rank, table]
+        most = counts.max(0).values.tolist()
+        for t, n in zip(tables, most, strict=True):
+            self.seen[t] = n
+        if any(n > caps[t] for t, n in zip(tables, most, strict=True)):
+            for t, n in zip(tables, most, strict=True):
+                self.caps[t] = max(self.caps[t], self._capacity(n))
+            self._all_gather(rows, tables)
+            return
+        offset = head
+        for j, t in enumerate(tables):
             p, cap, width = self.sparse[t], caps[t], widths[t]
             parts = [
-                g[offset : offset + cap * width].view(cap, width)[: int(per_rank[r, t])]
+                g[offset : offset + cap * width].view(cap, width)[: int(counts[r, j])]
                 for r, g in enumerate(gathered)
             ]
             offset += cap * width

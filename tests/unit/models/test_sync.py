@@ -27,7 +27,10 @@ def _model(num_negatives: int, seed: int) -> MatrixFactorization:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    out = [
+    # The first step touches one user and one item per rank: the capacities it agrees on are
+    # outgrown at once, so the next step takes the gather-again path.
+    first = (torch.full((16,), 5), torch.full((16,), 3))
+    out = [first] + [
         (torch.randint(N_USERS, (16,), generator=gen), torch.randint(N_ITEMS, (16,), generator=gen))
         for _ in range(4)
     ]
